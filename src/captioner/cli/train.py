@@ -1,0 +1,100 @@
+"""`captioner-train experiment=NAME [overrides…]`: compose the config, build everything from it, fit."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("captioner.train")
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[3] / "configs")
+
+
+def instantiate_all(group: DictConfig | None) -> list:
+    """Instantiate every entry of a dict-of-configs group (callbacks, loggers), skipping nulls."""
+    if not group:
+        return []
+    return [hydra.utils.instantiate(c, _convert_="all") for c in group.values() if c is not None]
+
+
+def derive_step_settings(trainer: L.Trainer, datamodule, cfg: DictConfig) -> None:
+    """Accumulation follows from the batch recipe and the world size; validation cadence is in optimizer steps."""
+    if hasattr(datamodule, "grad_accum_steps"):
+        accum = datamodule.grad_accum_steps(trainer.world_size)
+        if "accumulate_grad_batches" in cfg.trainer and cfg.trainer.accumulate_grad_batches != accum:
+            raise ValueError(
+                f"trainer.accumulate_grad_batches={cfg.trainer.accumulate_grad_batches} contradicts "
+                f"data.total_batch_tokens (which gives {accum} at world size {trainer.world_size}); set one"
+            )
+        trainer.accumulate_grad_batches = accum
+    # Loaders are endless streams, so Lightning counts validation intervals in micro-batches.
+    trainer.val_check_interval = cfg.val_every_n_steps * trainer.accumulate_grad_batches
+
+
+def log_parameter_counts(module: L.LightningModule) -> None:
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in module.parameters() if not p.requires_grad)
+    log.info("parameters: %s trainable, %s frozen", f"{trainable:,}", f"{frozen:,}")
+    for logger in module.loggers:
+        logger.log_hyperparams({"params/trainable": trainable, "params/frozen": frozen})
+
+
+def train(cfg: DictConfig) -> dict:
+    """Fit (and finally validate) the configured module; returns the last logged metrics."""
+    L.seed_everything(cfg.seed, workers=True)
+    run_dir = Path(cfg.paths.run_dir)
+    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
+    module = hydra.utils.instantiate(cfg.model, _convert_="all")
+    trainer = L.Trainer(
+        **OmegaConf.to_container(cfg.trainer, resolve=True),
+        logger=instantiate_all(cfg.get("logger")),
+        callbacks=instantiate_all(cfg.get("callbacks")),
+    )
+    derive_step_settings(trainer, datamodule, cfg)
+    log.info(
+        "run dir %s | world size %d | accumulation %d", run_dir, trainer.world_size, trainer.accumulate_grad_batches
+    )
+    log_parameter_counts(module)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    if cfg.validate_at_end and trainer.global_step % cfg.val_every_n_steps != 0:
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+    if trainer.is_global_zero:
+        _refresh_plots(trainer, run_dir)
+        _print_summary(trainer, run_dir)
+    return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+def _refresh_plots(trainer: L.Trainer, run_dir: Path) -> None:
+    from captioner.callbacks.plots import plot_metrics
+
+    for logger in trainer.loggers:
+        logger.save()
+    if (run_dir / "metrics.csv").exists():
+        plot_metrics(run_dir / "metrics.csv", run_dir / "plots")
+
+
+def _print_summary(trainer: L.Trainer, run_dir: Path) -> None:
+    metrics = {k: round(float(v), 4) for k, v in sorted(trainer.callback_metrics.items()) if v.numel() == 1}
+    print(f"\nrun dir:     {run_dir}")
+    print(f"checkpoint:  {run_dir / 'checkpoints' / 'last.ckpt'}")
+    print(f"plots:       {run_dir / 'plots'}")
+    print(f"metrics:     {metrics}")
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def _hydra_main(cfg: DictConfig) -> None:
+    train(cfg)
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
