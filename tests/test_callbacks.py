@@ -3,6 +3,7 @@
 import csv
 import html
 import logging
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import pytest
@@ -11,7 +12,13 @@ from lightning.pytorch.loggers import CSVLogger
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
-from captioner.callbacks import CaptionGalleryCallback, PlotsCallback, ThroughputCallback, plot_metrics, write_gallery
+from captioner.callbacks import (
+    CaptionGalleryCallback,
+    PlotsCallback,
+    ThroughputCallback,
+    plot_metrics,
+    write_gallery,
+)
 from captioner.callbacks.plots import read_metrics
 from captioner.callbacks.throughput import batch_tokens, peak_flops_for
 
@@ -85,7 +92,10 @@ def test_read_metrics_is_sparse_and_names_bad_cells(tmp_path):
     ]
     metrics = write_metrics_csv(tmp_path / "metrics.csv", ["train/loss", "val/loss", "val/cider"], rows)
     series = read_metrics(metrics)
-    assert series == {"train/loss": ([0], [3.0]), "val/loss": ([1], [2.5])}  # nan dropped, empty column absent
+    assert series == {
+        "train/loss": ([0], [3.0]),
+        "val/loss": ([1], [2.5]),
+    }  # nan dropped, empty column absent
 
     write_metrics_csv(tmp_path / "bad.csv", ["train/loss"], [{"epoch": 0, "step": 0, "train/loss": "oops"}])
     with pytest.raises(ValueError, match=r"bad\.csv:2: train/loss = 'oops'"):
@@ -111,8 +121,20 @@ def test_write_gallery_escapes_text_embeds_images_and_survives_bad_paths(tmp_pat
             "scores": {"bleu4": 0.41234, "cider": 1.5, "meteor": None},
         },
         {"image_id": 2, "path": tmp_path / "blue.jpg", "caption": "blue", "references": [], "scores": {}},
-        {"image_id": 3, "path": tmp_path / "broken.jpg", "caption": "broken", "references": ["x"], "scores": {}},
-        {"image_id": 4, "path": tmp_path / "missing.png", "caption": "missing", "references": [], "scores": {}},
+        {
+            "image_id": 3,
+            "path": tmp_path / "broken.jpg",
+            "caption": "broken",
+            "references": ["x"],
+            "scores": {},
+        },
+        {
+            "image_id": 4,
+            "path": tmp_path / "missing.png",
+            "caption": "missing",
+            "references": [],
+            "scores": {},
+        },
     ]
     out = write_gallery(items, tmp_path / "gallery.html", summary={"cider": 0.9, "n": 4})
     text = out.read_text()
@@ -160,7 +182,9 @@ class TinyLM(pl.LightningModule):
     def __init__(self, vocab=16, width=8):
         super().__init__()
         self.emb = torch.nn.Embedding(vocab, width)
-        self.net = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.Tanh(), torch.nn.Linear(width, vocab))
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(width, width), torch.nn.Tanh(), torch.nn.Linear(width, vocab)
+        )
 
     def training_step(self, batch, batch_idx):
         x, y = batch  # (B, T), (B, T)
@@ -194,7 +218,7 @@ def test_throughput_and_plots_in_a_tiny_fit(tmp_path, caplog):
         trainer.fit(TinyLM(), loader)
 
     series = read_metrics(tmp_path / "metrics.csv")
-    steps, rates = series["train/tokens_per_sec"]
+    _, rates = series["train/tokens_per_sec"]
     assert len(rates) == 3  # 4 optimizer steps, the first one not measured
     assert all(r > 0 for r in rates)
     assert "train/mfu" not in series  # no peak FLOPs on a CPU
@@ -211,11 +235,18 @@ def test_mfu_logged_when_peak_and_flops_are_known(tmp_path):
     loader = DataLoader(TensorDataset(tokens[:, :-1], tokens[:, 1:]), batch_size=B)
     model = TinyLM()
     model.flops_per_token = lambda: 6 * sum(p.numel() for p in model.parameters())
+    run_dir = tmp_path / "run"  # the images live outside it: the CSV logger warns about a non-empty log dir
+    Image.new("RGB", (32, 32), (0, 200, 0)).save(tmp_path / "green.png")
+    model.gallery_items = [
+        {"image_id": i, "path": tmp_path / "green.png", "caption": f"caption {i}", "references": ["ref"]}
+        for i in range(3)
+    ]
+    model.gallery_summary = {"cider": 0.5}
     trainer = pl.Trainer(
-        default_root_dir=tmp_path,
+        default_root_dir=run_dir,
         max_steps=3,
-        logger=CSVLogger(save_dir=tmp_path, name="", version=""),
-        callbacks=[ThroughputCallback(peak_flops=1e12)],
+        logger=CSVLogger(save_dir=run_dir, name="", version=""),
+        callbacks=[ThroughputCallback(peak_flops=1e12), CaptionGalleryCallback(max_items=2)],
         log_every_n_steps=1,
         enable_progress_bar=False,
         enable_checkpointing=False,
@@ -223,7 +254,28 @@ def test_mfu_logged_when_peak_and_flops_are_known(tmp_path):
         accelerator="cpu",
     )
     trainer.fit(model, loader)
-    series = read_metrics(tmp_path / "metrics.csv")
+    series = read_metrics(run_dir / "metrics.csv")
     (_, rates), (_, mfus) = series["train/tokens_per_sec"], series["train/mfu"]
     flops = 6 * sum(p.numel() for p in model.parameters())
     assert mfus == pytest.approx([r * flops / 1e12 for r in rates])
+
+    gallery = (run_dir / "gallery.html").read_text()
+    assert "caption 1" in gallery and "caption 2" not in gallery  # max_items
+    assert "Overall scores" in gallery and "0.500" in gallery
+
+
+def test_plots_callback_plots_at_resume_start_only(tmp_path):
+    """At fit start the callback plots only a resumed run; it reads the CSV logger's file without flushing."""
+    rows = [{"epoch": 0, "step": s, "train/loss": 3.0 - s / 10} for s in range(5)]
+    write_metrics_csv(tmp_path / "metrics.csv", ["train/loss"], rows)
+    logger = CSVLogger(save_dir=tmp_path, name="", version="")
+    trainer = SimpleNamespace(
+        loggers=[logger], ckpt_path=None, global_step=0, is_global_zero=True, default_root_dir=str(tmp_path)
+    )
+    callback = PlotsCallback()
+    callback.on_fit_start(trainer, None)
+    assert not (tmp_path / "plots").exists()
+    trainer.ckpt_path = str(tmp_path / "last.ckpt")
+    callback.on_fit_start(trainer, None)
+    assert_png(tmp_path / "plots" / "loss.png")
+    assert (tmp_path / "metrics.csv").is_file()  # the logger's writer (which empties its dir) was not created

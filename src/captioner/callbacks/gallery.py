@@ -92,7 +92,9 @@ def _item_row(index: int, item: Mapping) -> str:
     )
 
 
-def render_gallery(items: Sequence[Mapping], summary: Mapping | None = None, title: str = "Caption gallery") -> str:
+def render_gallery(
+    items: Sequence[Mapping], summary: Mapping | None = None, title: str = "Caption gallery"
+) -> str:
     """The gallery as one HTML string; every text field is escaped.
 
     Each item: {"image_id", "path", "caption", "references": [str], "scores": {name: float | None}}.
@@ -137,7 +139,9 @@ class CaptionGalleryCallback(pl.Callback):
             return
         items = getattr(pl_module, "gallery_items", None)
         if not items:
-            log.warning("CaptionGalleryCallback: the module has no gallery_items (no validation ran?); no gallery")
+            log.warning(
+                "CaptionGalleryCallback: the module has no gallery_items (no validation ran?); no gallery"
+            )
             return
         try:
             out = write_gallery(

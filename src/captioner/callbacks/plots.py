@@ -99,7 +99,12 @@ def _plot_loss(series, dest: Path) -> Path:
         ax.plot(steps, values, "o-", color="tab:orange", markersize=4, label="val")
     all_values = [v for name in ("train/loss", "val/loss") if name in series for v in series[name][1]]
     if min(all_values) > 0:
+        from matplotlib.ticker import FuncFormatter
+
         ax.set_yscale("log")
+        plain = FuncFormatter(lambda v, _: f"{v:g}")  # "4" rather than "4x10^0"
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.legend()
     return _save(fig, dest)
@@ -190,9 +195,13 @@ class PlotsCallback(pl.Callback):
         try:
             metrics_csv = find_metrics_csv(trainer, flush)
             if metrics_csv is None or not metrics_csv.is_file():
-                log.warning("PlotsCallback: no metrics.csv found (is the CSV logger enabled?); no plots written")
+                log.warning(
+                    "PlotsCallback: no metrics.csv found (is the CSV logger enabled?); no plots written"
+                )
                 return
-            out_dir = Path(self.out_dir) if self.out_dir is not None else Path(trainer.default_root_dir) / "plots"
+            out_dir = (
+                Path(self.out_dir) if self.out_dir is not None else Path(trainer.default_root_dir) / "plots"
+            )
             written = plot_metrics(metrics_csv, out_dir)
             if written:
                 log.info("plots written: %s", ", ".join(str(p) for p in written))

@@ -103,7 +103,9 @@ class ThroughputCallback(pl.Callback):
         if self.peak_flops is None:
             self.peak_flops = default_peak_flops(pl_module.device)
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx):
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx
+    ):
         self._window_tokens += int(self.tokens_per_batch_fn(batch))
         step = trainer.global_step
         if step == self._last_step:  # still accumulating gradients

@@ -50,9 +50,12 @@ def train(cfg: DictConfig) -> dict:
     run_dir = Path(cfg.paths.run_dir)
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
     module = hydra.utils.instantiate(cfg.model, _convert_="all")
+    loggers = instantiate_all(cfg.get("logger"))
+    if cfg.ckpt_path:
+        _truncate_metrics_after_checkpoint(loggers, cfg.ckpt_path)
     trainer = L.Trainer(
         **OmegaConf.to_container(cfg.trainer, resolve=True),
-        logger=instantiate_all(cfg.get("logger")),
+        logger=loggers,
         callbacks=instantiate_all(cfg.get("callbacks")),
     )
     derive_step_settings(trainer, datamodule, cfg)
@@ -67,6 +70,17 @@ def train(cfg: DictConfig) -> dict:
         _refresh_plots(trainer, run_dir)
         _print_summary(trainer, run_dir)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+def _truncate_metrics_after_checkpoint(loggers: list, ckpt_path: str) -> None:
+    import torch
+
+    from captioner.loggers import ResumableCSVLogger
+
+    step = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)["global_step"]
+    for logger in loggers:
+        if isinstance(logger, ResumableCSVLogger):
+            logger.truncate_from(step)
 
 
 def _refresh_plots(trainer: L.Trainer, run_dir: Path) -> None:

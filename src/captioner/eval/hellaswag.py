@@ -46,7 +46,9 @@ def _truncate(rows: list[list[int]], starts: list[int], block_size: int | None):
     return out_rows, out_starts
 
 
-def ending_losses(model, rendered: Sequence[tuple[list[list[int]], list[int]]], device) -> tuple[torch.Tensor, ...]:
+def ending_losses(
+    model, rendered: Sequence[tuple[list[list[int]], list[int]]], device
+) -> tuple[torch.Tensor, ...]:
     """Summed and mean cross-entropy of every ending of every example, in one forward pass.
 
     `rendered` holds E examples as `(rows, starts)` from `render_example` (4 rows each). Returns two (E, 4)
@@ -113,7 +115,9 @@ def score_hellaswag(
         with torch.no_grad():
             for b in range(0, len(order), batch_size):
                 batch = order[b : b + batch_size]
-                sum_loss, mean_loss = ending_losses(model, [rendered[i] for i in batch], device)  # (E, 4) each
+                sum_loss, mean_loss = ending_losses(
+                    model, [rendered[i] for i in batch], device
+                )  # (E, 4) each
                 labels = torch.tensor([mine[i]["label"] for i in batch], device=device)  # (E,)
                 counts["correct"] += int((sum_loss.argmin(dim=1) == labels).sum())
                 counts["correct_norm"] += int((mean_loss.argmin(dim=1) == labels).sum())

@@ -1,0 +1,89 @@
+"""`captioner-eval {hellaswag,captions}`: score a language model on HellaSwag, or a captions results file.
+
+The last stdout line is always one JSON object, so scripts can read it with `tail -n 1`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _hellaswag(args) -> dict:
+    import torch
+
+    from captioner.data.hellaswag import download_hellaswag
+    from captioner.eval.hellaswag import evaluate_hellaswag
+    from captioner.models.gpt import GPT
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda requested but CUDA is not available")
+    if args.ckpt and not Path(args.ckpt).is_file():
+        raise FileNotFoundError(f"checkpoint not found: {args.ckpt}")
+    data = Path(args.data) if args.data else download_hellaswag(Path("data/hellaswag"), split="val")
+    if not data.is_file():
+        raise FileNotFoundError(f"HellaSwag file not found: {data}")
+    if args.ckpt:
+        model = GPT.from_lightning_checkpoint(args.ckpt)
+    else:
+        model = GPT.from_pretrained(args.hf)
+    if device == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls, as build-nanogpt evaluates
+    model.to(device)
+    return evaluate_hellaswag(model, data, limit=args.limit, batch_size=args.batch_size, device=device)
+
+
+def _captions(args) -> dict:
+    from captioner.eval.caption_metrics import score_results_file
+
+    overall, _ = score_results_file(args.pred, args.ann, backend=args.backend)
+    return overall
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="captioner-eval", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("hellaswag", help="HellaSwag acc / acc_norm of a stage-1 checkpoint or an HF GPT-2")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--ckpt", help="stage-1 Lightning checkpoint (.ckpt)")
+    source.add_argument("--hf", help="HF GPT-2: hub name (e.g. gpt2) or a save_pretrained directory")
+    p.add_argument("--data", help="HellaSwag-format jsonl (default: download val into data/hellaswag/)")
+    p.add_argument("--limit", type=_positive_int, default=None, help="score only the first N examples")
+    p.add_argument("--batch-size", type=_positive_int, default=16, help="examples per forward pass")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
+    p.set_defaults(func=_hellaswag)
+
+    p = sub.add_parser("captions", help="BLEU/METEOR/ROUGE-L/CIDEr-D of a COCO results file")
+    p.add_argument("--pred", required=True, help='COCO results json: [{"image_id": …, "caption": …}, …]')
+    p.add_argument("--ann", required=True, help="COCO captions json (e.g. captions_val2017.json)")
+    p.add_argument("--backend", choices=("auto", "pycocoevalcap", "python"), default="auto")
+    p.set_defaults(func=_captions)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = args.func(args)
+    # OSError covers missing files and failed downloads (requests' errors are OSErrors); RuntimeError covers a
+    # missing Java or GPT-2 BPE. All are the user's to fix, so a message beats a traceback.
+    except (OSError, ValueError, RuntimeError) as err:
+        print(f"captioner-eval {args.command}: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""`captioner-prepare {fineweb,coco,hellaswag,shapes}`: download or generate data into the on-disk formats."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _fineweb(args) -> None:
+    from captioner.data.fineweb import prepare_fineweb
+
+    paths = prepare_fineweb(
+        args.out,
+        files=args.files,
+        dataset=args.dataset,
+        name=args.name,
+        shard_size=args.shard_size,
+        prefix=args.prefix,
+        num_proc=args.num_proc,
+        max_docs=args.max_docs,
+    )
+    print(f"{len(paths)} shards in {args.out}")
+
+
+def _coco(args) -> None:
+    from captioner.data.coco import prepare_coco
+
+    prepare_coco(args.root, source=args.source)
+    if args.features:
+        from captioner.data.features import build_feature_cache
+        from captioner.models.vision import VisionEncoder
+
+        encoder = VisionEncoder(out_dim=768, clip=args.clip).to(args.device).eval()
+        for split in args.splits:
+            out = build_feature_cache(
+                encoder, args.root, split, Path(args.root) / "features", batch_size=args.batch_size,
+                device=args.device, num_workers=args.num_workers,
+            )
+            print(f"features for {split}: {out}")
+    print(f"COCO ready in {args.root}")
+
+
+def _hellaswag(args) -> None:
+    from captioner.data.hellaswag import download_hellaswag
+
+    print(download_hellaswag(args.out, split=args.split))
+
+
+def _shapes(args) -> None:
+    from captioner.data.shapes import prepare_shapes
+
+    outputs = prepare_shapes(
+        args.out,
+        seed=args.seed,
+        train_tokens=args.train_tokens,
+        n_train_images=args.train_images,
+        n_val_images=args.val_images,
+    )
+    for key, path in outputs.items():
+        print(f"{key}: {path}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="captioner-prepare", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("fineweb", help="tokenize FineWeb-Edu (or local parquet/jsonl) into uint16 shards")
+    p.add_argument("--out", default="data/edu_fineweb10B")
+    p.add_argument("--files", nargs="+", default=None, help="local .parquet/.jsonl files instead of the hub")
+    p.add_argument("--dataset", default="HuggingFaceFW/fineweb-edu")
+    p.add_argument("--name", default="sample-10BT")
+    p.add_argument("--shard-size", type=int, default=100_000_000, help="tokens per shard")
+    p.add_argument("--prefix", default="edufineweb")
+    p.add_argument("--num-proc", type=int, default=None, help="tokenizer processes (default: all cores)")
+    p.add_argument("--max-docs", type=int, default=None)
+    p.set_defaults(func=_fineweb)
+
+    p = sub.add_parser("coco", help="download/verify/extract COCO 2017; optionally cache CLIP features")
+    p.add_argument("--root", default="data/coco")
+    p.add_argument("--source", default=None, help="an existing COCO copy (zips or extracted) instead of downloading")
+    p.add_argument("--features", action="store_true", help="also compute the CLIP feature cache")
+    p.add_argument("--clip", default="openai/clip-vit-base-patch32")
+    p.add_argument("--splits", nargs="+", default=["train2017", "val2017"])
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--num-workers", type=int, default=8)
+    p.set_defaults(func=_coco)
+
+    p = sub.add_parser("hellaswag", help="download the HellaSwag val jsonl (rowanz/hellaswag)")
+    p.add_argument("--out", default="data/hellaswag")
+    p.add_argument("--split", default="val", choices=["train", "val", "test"])
+    p.set_defaults(func=_hellaswag)
+
+    p = sub.add_parser("shapes", help="generate the embedded shapes world (text shards, HellaSwag, images)")
+    p.add_argument("--out", default="data/shapes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-tokens", type=int, default=3_000_000)
+    p.add_argument("--train-images", type=int, default=4000)
+    p.add_argument("--val-images", type=int, default=200)
+    p.set_defaults(func=_shapes)
+    return parser
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"captioner-prepare {args.command}: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,330 @@
+"""GPT-2 as in build-nanogpt, plus the two things later stages need: a KV cache and cross-attention slots.
+
+Shapes: B batch, T sequence length, C n_embd, nh heads, hs head size (C // nh), V vocab size,
+N image tokens (cross-attention context).
+
+Parameter names are GPT-2's own (`wte wpe h ln_f c_attn c_fc c_proj`), so OpenAI's weights map onto this model
+with nothing but a transpose of the Conv1D matrices (`GPT.from_pretrained`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# --------------------------------------------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # max sequence length (positions in wpe)
+    vocab_size: int = 50304  # 50257 BPE tokens padded up to a multiple of 64 for faster matmuls
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"GPTConfig.{field.name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(
+                f"GPTConfig.n_embd ({self.n_embd}) must be divisible by GPTConfig.n_head ({self.n_head})"
+            )
+
+    @classmethod
+    def named(cls, name: str, **overrides) -> GPTConfig:
+        """A named shape (`gpt2_124m`, `gpt2`, `demo`, `tiny`) with optional field overrides."""
+        if name not in NAMED_CONFIGS:
+            raise ValueError(f"unknown GPT config name {name!r}; known names: {', '.join(NAMED_CONFIGS)}")
+        return cls(**{**NAMED_CONFIGS[name], **overrides})
+
+
+NAMED_CONFIGS: dict[str, dict[str, int]] = {
+    # build-nanogpt's training shape: GPT-2 small with the padded vocab
+    "gpt2_124m": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304),
+    # OpenAI's GPT-2 small exactly (HF weights have 50257 rows)
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257),
+    # CPU-sized shapes for the demo and the tests
+    "demo": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, vocab_size=50304),
+    "tiny": dict(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=50304),
+}
+
+# --------------------------------------------------------------------------------------------------------------
+# KV cache
+
+
+class KVCache:
+    """Keys and values kept between decoding steps.
+
+    `self_attn[layer]`: the self-attention (k, v) of every position fed so far, each (B, nh, length, hs).
+    `cross_attn[layer]`: the cross-attention (k, v) of the image tokens, each (B, nh, N, hs); they depend on the
+    image only, so they are computed on the first step and reused for every later one.
+    `length`: how many positions have been fed; the next token's position.
+
+    Tensors are replaced, never written in place, so a tensor handed out earlier never changes under its holder.
+    """
+
+    def __init__(self):
+        self.self_attn: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.cross_attn: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.length = 0
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add this step's (B, nh, T, hs) keys/values for `layer`; return all of them, (B, nh, length + T, hs)."""
+        if layer in self.self_attn:
+            past_k, past_v = self.self_attn[layer]
+            k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+        self.self_attn[layer] = (k, v)
+        return k, v
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep batch rows `index` (LongTensor of shape (B',)), in that order: beam search's parent beams."""
+        for store in (self.self_attn, self.cross_attn):
+            for layer, (k, v) in store.items():
+                pass
+
+
+# --------------------------------------------------------------------------------------------------------------
+# modules
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, n_embd: int, n_head: int):
+        super().__init__()
+        self.n_head = n_head
+        self.n_embd = n_embd
+        self.c_attn = nn.Linear(n_embd, 3 * n_embd)  # q, k, v for all heads in one matmul
+        self.c_proj = nn.Linear(n_embd, n_embd)  # residual projection: init std scaled down (GPT._init_weights)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int | None = None) -> torch.Tensor:
+        """x (B, T, C) → (B, T, C). With a cache, x holds only the new positions; earlier keys come from it."""
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # (B, T, C) each
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        past = 0
+        if cache is not None:
+            past = cache.length
+            k, v = cache.append(layer, k, v)  # (B, nh, past + T, hs)
+        if past == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+        elif T == 1:
+            y = F.scaled_dot_product_attention(q, k, v)  # one new query may see every cached position
+        else:
+            # is_causal aligns the mask top-left; new queries sit bottom-right, at positions past .. past+T-1
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, n_embd: int):
+        super().__init__()
+        self.c_fc = nn.Linear(n_embd, 4 * n_embd)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's "gelu_new"
+        self.c_proj = nn.Linear(4 * n_embd, n_embd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, T, C) → (B, T, C)."""
+        return self.c_proj(self.gelu(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, n_embd: int, n_head: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(n_embd)
+        self.attn = CausalSelfAttention(n_embd, n_head)
+        self.ln_2 = nn.LayerNorm(n_embd)
+        self.mlp = MLP(n_embd)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache=cache, layer=layer)  # (B, T, C)
+        x = x + self.mlp(self.ln_2(x))  # (B, T, C)
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                h=nn.ModuleList([Block(config.n_embd, config.n_head) for _ in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying: one matrix embeds and un-embeds
+        # Optional layers run after block int(key); empty for a plain LM, so its state-dict keys are GPT-2's.
+        self.cross = nn.ModuleDict()
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """N(0, 0.02) everywhere; residual projections (c_proj) scaled by (2 * n_layer)^-0.5 because two of
+        them (attention and MLP) add into the residual stream per block; biases zero."""
+        residual_std = 0.02 * (2 * self.config.n_layer) ** -0.5
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                std = residual_std if name.endswith("c_proj") else 0.02
+                torch.nn.init.normal_(module.weight, mean=0.0, std=std)
+                if module.bias is not None:
+                    torch.nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def insert_cross_attention(self, every: int, make_layer: Callable[[int], nn.Module]) -> None:
+        """Add `make_layer(i)` after each block i with (i + 1) % every == 0 (every=2 on 12 layers: 6 layers).
+
+        Each layer is called as `layer(x, context, cache=cache, layer=i)` and returns the new x (B, T, C).
+        """
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(f"cross-attention interval `every` must be a positive integer, got {every!r}")
+        for i in range(self.config.n_layer):
+            if (i + 1) % every == 0:
+                self.cross[str(i)] = make_layer(i)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        context: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Next-token logits and, given targets, the mean cross-entropy.
+
+        idx (B, T) token ids; targets (B, T) the token after each position, -100 where nothing is to be
+        predicted (padding); context (B, N, C) image tokens for the cross-attention layers, if any; cache to
+        feed only new tokens (their positions continue from cache.length; the cache is extended).
+        Returns logits (B, T, V) and loss (scalar) or None.
+        """
+        B, T = idx.size()
+        start = 0 if cache is None else cache.length
+        if start + T > self.config.block_size:
+            raise ValueError(
+                f"sequence of length {start + T} exceeds the model's block_size {self.config.block_size}"
+            )
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, cache=cache, layer=i)  # (B, T, C)
+            if context is not None and str(i) in self.cross:
+                x = self.cross[str(i)](x, context, cache=cache, layer=i)  # (B, T, C)
+        x = self.transformer.ln_f(x)  # (B, T, C)
+        logits = self.lm_head(x)  # (B, T, V)
+        if cache is not None:
+            cache.length += T
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100)
+        return logits, loss
+
+    # --- accounting ---------------------------------------------------------------------------------------
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count (cross layers included). Position embeddings are excluded by default; token
+        embeddings stay in because, tied, they are also the output layer's weights."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs (forward + backward) per token, PaLM appendix B: 6N + 12·L·H·Q·T (T = seq_len,
+        default block_size). Used for MFU = flops_per_token · tokens/s / peak FLOP/s."""
+        cfg = self.config
+        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, seq_len or cfg.block_size
+        return 6 * self.num_params() + 12 * L * H * Q * T
+
+    # --- text generation ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+        eot: int | None = None,
+    ) -> torch.Tensor:
+        """Sample continuations of idx (B, T) with the KV cache. Returns (B, T + n) ids, prompt included,
+        n ≤ max_new_tokens; a row that emitted `eot` is padded with `eot` while the others go on."""
+        # imported here because decoding imports this module (for KVCache)
+        from captioner.models import decoding
+
+        new = decoding.decode(
+            self,
+            idx,
+            decoding.sampler(temperature=temperature, top_k=top_k, generator=generator),
+            max_new_tokens=max_new_tokens,
+            eot=eot,
+        )  # (B, n)
+        return torch.cat([idx, new], dim=1)
+
+    # --- loading ------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, name_or_dir: str | os.PathLike) -> GPT:
+        """OpenAI GPT-2 weights via transformers: a hub name ("gpt2") or a `save_pretrained` directory."""
+        from transformers import GPT2LMHeadModel
+
+        hf = GPT2LMHeadModel.from_pretrained(name_or_dir)
+        hc = hf.config
+        if hc.activation_function != "gelu_new":
+            raise ValueError(f"{name_or_dir}: activation_function {hc.activation_function!r} is not GPT-2's")
+        config = GPTConfig(
+            block_size=hc.n_positions, vocab_size=hc.vocab_size, n_layer=hc.n_layer, n_head=hc.n_head, n_embd=hc.n_embd
+        )
+        model = cls(config)
+        sd = model.state_dict()
+        # HF's GPT-2 uses Conv1D modules: the same math as Linear with the weight stored transposed.
+        transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        sd_hf = {k: v for k, v in hf.state_dict().items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+        if set(sd_hf) != set(sd):
+            raise ValueError(
+                f"{name_or_dir}: weights do not match GPT-2's layout; "
+                f"missing {sorted(set(sd) - set(sd_hf))[:5]}, unexpected {sorted(set(sd_hf) - set(sd))[:5]}"
+            )
+        with torch.no_grad():
+            for k, v in sd_hf.items():
+                sd[k].copy_(v.t() if k.endswith(transposed) else v)
+        return model
+
+    @classmethod
+    def from_lightning_checkpoint(cls, path: str | os.PathLike) -> GPT:
+        """The LM of a stage-1 Lightning checkpoint: config from hyper_parameters["model"], weights from the
+        state_dict keys under `model.` (a torch.compile `_orig_mod.` prefix is dropped too)."""
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            fields = ckpt["hyper_parameters"]["model"]
+            state_dict = ckpt["state_dict"]
+        except (KeyError, TypeError) as e:
+            raise ValueError(
+                f"{path}: not a stage-1 checkpoint (needs hyper_parameters.model and state_dict), missing {e}"
+            ) from e
+        known = {f.name for f in dataclasses.fields(GPTConfig)}
+        if not isinstance(fields, dict) or set(fields) - known:
+            raise ValueError(f"{path}: hyper_parameters.model must hold GPTConfig fields {sorted(known)}, got {fields!r}")
+        model = cls(GPTConfig(**fields))
+        weights = {}
+        for key, value in state_dict.items():
+            if key.startswith("model."):
+                weights[key.removeprefix("model.").replace("_orig_mod.", "")] = value
+        if not weights:
+            raise ValueError(f"{path}: state_dict has no `model.` keys; keys start with {sorted(state_dict)[:3]}")
+        model.load_state_dict(weights)
+        return model
+

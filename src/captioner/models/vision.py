@@ -1,0 +1,79 @@
+"""CLIP vision tower + projection into the LM's width: the image tokens the captioner's cross-attention reads.
+
+Shapes: B images, N image tokens (CLS + patches; 50 for ViT-B/32 at 224 px), D CLIP width, C LM width.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+class VisionEncoder(nn.Module):
+    """`transformers.CLIPVisionModel` (all N output tokens, not only the pooled one) → Linear → LayerNorm.
+
+    clip: a hub name ("openai/clip-vit-base-patch32") or a local `save_pretrained` directory.
+    clip_config: kwargs of a `CLIPVisionConfig` for a randomly initialised CLIP instead (tests, the demo).
+
+    While CLIP is frozen (no parameter requires grad) it runs under no_grad and stays in eval mode even when
+    the module is put in train mode, so its outputs match the feature cache's.
+    """
+
+    def __init__(
+        self,
+        out_dim: int,
+        clip: str | None = "openai/clip-vit-base-patch32",
+        clip_config: dict | None = None,
+    ):
+        super().__init__()
+        from transformers import CLIPVisionConfig, CLIPVisionModel
+
+        if clip_config is not None:
+            self.clip = CLIPVisionModel(CLIPVisionConfig(**clip_config))
+        elif clip:
+            self.clip = CLIPVisionModel.from_pretrained(clip)
+        else:
+            raise ValueError("VisionEncoder needs `clip` (hub name or local dir) or `clip_config`")
+        self.proj = nn.Sequential(nn.Linear(self.hidden_size, out_dim), nn.LayerNorm(out_dim))
+
+    @property
+    def hidden_size(self) -> int:
+        return self.clip.config.hidden_size
+
+    @property
+    def image_size(self) -> int:
+        return self.clip.config.image_size
+
+    @property
+    def num_tokens(self) -> int:
+        """CLS + one token per patch."""
+        return (self.clip.config.image_size // self.clip.config.patch_size) ** 2 + 1
+
+    @property
+    def clip_frozen(self) -> bool:
+        return not any(p.requires_grad for p in self.clip.parameters())
+
+    def clip_parameters(self) -> list[nn.Parameter]:
+        """CLIP's parameters that shape `encode`'s output: all but the post-LayerNorm, which feeds only the pooled
+        vector we never use (trained, it would get no gradient and leave DDP waiting for one)."""
+        return [p for name, p in self.clip.named_parameters() if "post_layernorm" not in name]
+
+    def train(self, mode: bool = True) -> VisionEncoder:
+        super().train(mode)
+        if self.clip_frozen:
+            self.clip.eval()  # frozen means fixed: no dropout, identical to the cached features
+        return self
+
+    def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values (B, 3, H, W), CLIP-normalised → CLIP's last hidden state (B, N, D), every token."""
+        dtype = next(self.clip.parameters()).dtype
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.clip_frozen):
+            return self.clip(pixel_values=pixel_values.to(dtype)).last_hidden_state  # (B, N, D)
+
+    def forward(self, pixel_values: torch.Tensor | None = None, features: torch.Tensor | None = None) -> torch.Tensor:
+        """Image tokens (B, N, C) from pixels (B, 3, H, W) or from precomputed `encode` outputs (B, N, D)."""
+        if (pixel_values is None) == (features is None):
+            raise ValueError("VisionEncoder.forward takes exactly one of pixel_values or features")
+        if features is None:
+            features = self.encode(pixel_values)  # (B, N, D)
+        return self.proj(features.to(self.proj[0].weight.dtype))  # (B, N, C)

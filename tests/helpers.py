@@ -1,0 +1,30 @@
+"""Test utilities: tiny generated data and composed configs for in-process runs."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+
+from captioner.cli.train import CONFIG_DIR
+
+
+def compose_run(experiment: str, run_dir: Path, *overrides: str):
+    """A composed root config for an in-process `train(cfg)` with its run dir pinned (no Hydra job context)."""
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(
+            "train",
+            overrides=[f"experiment={experiment}", f"paths.run_dir={run_dir}", "logger=none", *overrides],
+        )
+
+
+def read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
+    """metrics.csv → {metric: [(step, value), …]} skipping empty cells."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    with open(path) as f:
+        for row in csv.DictReader(f):
+            for key, value in row.items():
+                if key != "step" and value not in ("", None):
+                    series.setdefault(key, []).append((int(row["step"]), float(value)))
+    return series

@@ -1,0 +1,486 @@
+"""COCO-format caption data: preprocessing, captions, batches, sampling, bad data, resume, download/prepare."""
+
+from __future__ import annotations
+
+import http.server
+import io
+import json
+import threading
+import zipfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from captioner.data import coco
+from captioner.data.coco import (
+    CLIP_MEAN,
+    CLIP_STD,
+    CaptionSampler,
+    CocoCaptionDataModule,
+    clip_transform,
+    encode_caption,
+    load_captions,
+    load_image,
+    normalize_caption,
+)
+from captioner.tokenizer import EOT, gpt2_encoding
+
+COLORS = ["red", "green", "blue", "yellow", "white", "black", "purple", "orange"]
+
+
+def make_caption_root(root: Path, split: str = "train", n_images: int = 6, first_id: int = 1) -> Path:
+    """A COCO-format root: `n_images` 40×30 images (PNG and JPEG alternating), 3 distinct captions each."""
+    (root / split).mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    for k in range(n_images):
+        image_id = first_id + k
+        name = f"{image_id:012d}." + ("png" if k % 2 else "jpg")
+        Image.new("RGB", (40, 30), (30 * k % 256, 80, 255 - 30 * k % 256)).save(root / split / name)
+        images.append({"id": image_id, "file_name": name, "width": 40, "height": 30})
+        color = COLORS[k % len(COLORS)]
+        for j, text in enumerate(
+            [f"A {color} square.", f"the {color} box number {k}", f"  {k} {color}  THING "]
+        ):
+            annotations.append({"id": image_id * 10 + j, "image_id": image_id, "caption": text})
+    ann_dir = root / "annotations"
+    ann_dir.mkdir(parents=True, exist_ok=True)
+    (ann_dir / f"captions_{split}.json").write_text(
+        json.dumps({"images": images, "annotations": annotations})
+    )
+    return root
+
+
+@pytest.fixture
+def root(tmp_path) -> Path:
+    make_caption_root(tmp_path / "data", "train", 6, first_id=1)
+    return make_caption_root(tmp_path / "data", "val", 5, first_id=101)
+
+
+def make_dm(root, **kwargs) -> CocoCaptionDataModule:
+    args = dict(train_split="train", val_split="val", batch_size=4, num_workers=0, image_size=16, seed=7)
+    dm = CocoCaptionDataModule(str(root), **{**args, **kwargs})
+    dm.setup("fit")
+    return dm
+
+
+# --- preprocessing ------------------------------------------------------------------------------------------
+
+
+def test_clip_transform_constant_image_gives_clip_normalised_values():
+    rgb = (200, 100, 50)
+    x = clip_transform(224)(Image.new("RGB", (40, 30), rgb))
+    assert type(x) is torch.Tensor and x.shape == (3, 224, 224) and x.dtype == torch.float32
+    expected = (torch.tensor(rgb) / 255 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
+    torch.testing.assert_close(x.mean(dim=(1, 2)), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(x.std(dim=(1, 2)), torch.zeros(3), atol=1e-5, rtol=0)
+    assert clip_transform(32)(Image.new("L", (40, 30), 9)).shape == (3, 32, 32)  # grey → RGB
+
+
+def test_clip_transform_resizes_shortest_side_then_centre_crops():
+    # 80×20 image, left half black, right half white → resize to 128×32, centre crop keeps columns 48..80.
+    img = Image.new("RGB", (80, 20), (0, 0, 0))
+    img.paste((255, 255, 255), (40, 0, 80, 20))
+    x = clip_transform(32)(img)
+    black = (0 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
+    white = (1 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
+    torch.testing.assert_close(x[:, 16, 2], black, atol=1e-3, rtol=0)
+    torch.testing.assert_close(x[:, 16, 29], white, atol=1e-3, rtol=0)
+
+
+def test_normalize_and_encode_caption():
+    enc = gpt2_encoding()
+    assert normalize_caption("  A  Dog\truns on  the Beach. . ") == "a dog runs on the beach"
+    assert normalize_caption("Two cats...") == "two cats"
+    body = enc.encode("a dog runs")
+    assert encode_caption(" A dog runs. ", enc, 48) == [EOT, *body, EOT]
+    assert encode_caption("A dog runs", enc, len(body) + 1) == [EOT, *body, EOT]  # just fits
+    assert encode_caption("A dog runs", enc, len(body)) == [EOT, *body]  # cut: no final EOT
+    assert encode_caption("A dog runs", enc, 1) == [EOT, body[0]]
+
+
+# --- batches ------------------------------------------------------------------------------------------------
+
+
+def test_batch_shapes_padding_and_label_alignment(root):
+    dm = make_dm(root, max_caption_tokens=6)
+    enc = gpt2_encoding()
+    refs = {
+        i: [encode_caption(c, enc, 6) for c in caps] for i, caps in _captions_by_id(root, "train").items()
+    }
+    batch = next(iter(dm.train_dataloader()))
+    B, T = batch["input_ids"].shape
+    assert set(batch) == {"pixel_values", "input_ids", "labels", "image_ids", "skipped"}
+    assert (
+        B == 4
+        and batch["pixel_values"].shape == (4, 3, 16, 16)
+        and batch["pixel_values"].dtype == torch.float32
+    )
+    assert (
+        batch["labels"].shape == (B, T) and batch["input_ids"].dtype == batch["labels"].dtype == torch.int64
+    )
+    assert (
+        batch["image_ids"].shape == (B,)
+        and batch["image_ids"].dtype == torch.int64
+        and batch["skipped"] == []
+    )
+    lengths = (batch["labels"] != -100).sum(1)
+    assert T == lengths.max() <= 6 and lengths.min() < T  # padded to the batch's longest caption
+    for b in range(B):
+        n = int(lengths[b])
+        seq = [*batch["input_ids"][b, :n].tolist(), batch["labels"][b, n - 1].item()]
+        assert seq in refs[int(batch["image_ids"][b])]  # input_ids = seq[:-1], labels = seq[1:]
+        assert batch["labels"][b, : n - 1].tolist() == batch["input_ids"][b, 1:n].tolist()
+        assert (batch["labels"][b, n:] == -100).all() and (batch["input_ids"][b, n:] == EOT).all()
+
+
+def _captions_by_id(root, split) -> dict[int, list[str]]:
+    index = load_captions(root, split)
+    return {image_id: index.image_captions(i) for i, image_id in enumerate(index.image_ids)}
+
+
+def test_all_visits_every_pair_one_visits_every_image_once(root):
+    index = load_captions(root, "train")
+    all_order = CaptionSampler(index, mode="all", seed=3, epoch=0)
+    assert sorted(all_order) == list(range(18)) and len(all_order) == 18
+    picks = []
+    for epoch in range(4):
+        order = list(CaptionSampler(index, mode="one", seed=3, epoch=epoch))
+        assert sorted(index.caption_image[order].tolist()) == list(range(6))  # each image once
+        picks.append(sorted(order))
+    assert len({tuple(p) for p in picks}) > 1  # a different caption draw per epoch
+    dm_all, dm_one = make_dm(root, captions_per_epoch="all"), make_dm(root, captions_per_epoch="one")
+    assert (
+        len(dm_all.train_dataloader()) == 5 and len(dm_one.train_dataloader()) == 2
+    )  # ceil(18/4), ceil(6/4)
+    assert sum(len(b["image_ids"]) for b in dm_one.train_dataloader()) == 6
+
+
+def test_order_is_seeded_per_epoch(root):
+    index = load_captions(root, "train")
+
+    def order(seed, epoch):
+        return list(CaptionSampler(index, seed=seed, epoch=epoch))
+
+    assert order(1, 0) == order(1, 0)
+    assert order(1, 0) != order(1, 1) and order(1, 0) != order(2, 0)
+    sampler = CaptionSampler(index, seed=1, epoch=0)
+    sampler.set_epoch(1)
+    assert list(sampler) == order(1, 1)
+    dm1, dm2 = make_dm(root), make_dm(root)
+    ids1 = [b["image_ids"].tolist() for b in dm1.train_dataloader()]
+    assert ids1 == [b["image_ids"].tolist() for b in dm2.train_dataloader()]
+
+
+def test_ranks_get_disjoint_equal_shares(root):
+    index = load_captions(root, "train")  # 18 captions
+    for world in (2, 4):
+        shares = [list(CaptionSampler(index, seed=5, rank=r, world_size=world)) for r in range(world)]
+        assert len({len(s) for s in shares}) == 1 and len(shares[0]) == 18 // world
+        flat = [c for s in shares for c in s]
+        assert len(set(flat)) == len(flat) == 18 // world * world
+    val = [
+        list(CaptionSampler(index, shuffle=False, rank=r, world_size=4, drop_tail=False)) for r in range(4)
+    ]
+    assert sorted(c for s in val for c in s) == list(range(18))  # validation counts every pair once
+
+    loaders = []
+    for rank in range(2):
+        dm = make_dm(root)
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=2, current_epoch=0)
+        loaders.append(
+            (
+                [i for b in dm.train_dataloader() for i in b["input_ids"][:, 1].tolist()],
+                [i for b in dm.val_dataloader() for i in b["image_ids"].tolist()],
+            )
+        )
+    assert len(loaders[0][0]) == len(loaders[1][0]) == 9
+    assert sorted(loaders[0][1] + loaders[1][1]) == sorted(i for i in range(101, 106) for _ in range(3))
+
+
+# --- bad data -----------------------------------------------------------------------------------------------
+
+
+def test_corrupt_truncated_and_missing_images_are_skipped_and_named(root):
+    val = root / "val"
+    (val / "000000000101.jpg").write_bytes(b"this is not an image")
+    data = (val / "000000000103.jpg").read_bytes()
+    (val / "000000000103.jpg").write_bytes(data[: len(data) // 2])
+    (val / "000000000104.png").unlink()
+    dm = make_dm(root, batch_size=100)
+    (batch,) = list(dm.val_dataloader())
+    assert sorted(set(batch["skipped"])) == ["000000000101.jpg", "000000000103.jpg", "000000000104.png"]
+    assert len(batch["skipped"]) == 9  # 3 captions each
+    assert sorted(set(batch["image_ids"].tolist())) == [102, 105]
+    assert batch["pixel_values"].shape == (6, 3, 16, 16) and batch["input_ids"].shape[0] == 6
+    assert [it["image_id"] for it in dm.val_generation_items(10)] == [102, 105]
+
+    collate = dm.val_dataloader().collate_fn  # a batch of nothing but bad images is empty, not an error
+    empty = collate([{"skipped": "a.jpg", "image_id": 1}])
+    assert empty["pixel_values"].shape == (0, 3, 16, 16) and empty["input_ids"].shape == (0, 0)
+    assert empty["skipped"] == ["a.jpg"]
+
+
+def test_decompression_bomb_is_refused(root, monkeypatch):
+    path = root / "train" / "000000000001.jpg"  # 40×30 = 1200 pixels
+    assert load_image(path) is not None
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # over the limit: PIL would only warn
+    assert load_image(path) is None
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # over twice the limit: PIL raises
+    assert load_image(path) is None
+    batch = next(iter(make_dm(root, batch_size=100).val_dataloader()))
+    assert len(batch["skipped"]) == 15 and batch["input_ids"].shape[0] == 0
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda d: "{not json", r"not valid JSON"),
+        (lambda d: {"images": d["images"]}, r"'annotations'"),
+        (lambda d: d["images"][2].pop("file_name") and d, r"images\[2\]: missing key 'file_name'"),
+        (
+            lambda d: d["annotations"][4].update(caption=5) or d,
+            r"annotations\[4\]: key 'caption' must be str, got 5",
+        ),
+        (lambda d: d["annotations"][1].update(image_id=999) or d, r"annotations\[1\] has image_id 999"),
+        (lambda d: d["images"].append(dict(d["images"][0])) or d, r"repeats image id 101"),
+        (lambda d: {"images": [], "annotations": []}, r"split 'val' is empty"),
+        (lambda d: {**d, "annotations": []}, r"split 'val' has no captions"),
+    ],
+)
+def test_malformed_annotations_name_file_and_key(root, mutate, message):
+    path = root / "annotations" / "captions_val.json"
+    data = mutate(json.loads(path.read_text()))
+    path.write_text(data if isinstance(data, str) else json.dumps(data))
+    with pytest.raises(ValueError, match=message) as err:
+        make_dm(root)
+    assert str(path) in str(err.value)
+
+
+def test_missing_root_or_annotations_names_path_and_prepare_command(tmp_path, root):
+    with pytest.raises(FileNotFoundError, match=r"nowhere.*captioner-prepare shapes"):
+        make_dm(tmp_path / "nowhere", prepare_hint="captioner-prepare shapes")
+    (root / "annotations" / "captions_train.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"captions_train\.json.*captioner-prepare coco"):
+        make_dm(root)
+
+
+# --- resume -------------------------------------------------------------------------------------------------
+
+
+def test_resume_skips_exactly_the_consumed_batches(root):
+    full = [b["image_ids"].tolist() for b in make_dm(root).train_dataloader()]
+    dm = make_dm(root)
+    dm.load_state_dict({"batches_consumed": 2})
+    loader = dm.train_dataloader()
+    assert [b["image_ids"].tolist() for b in loader] == full[2:]
+    assert len(loader) == len(full)  # Lightning counts the skipped batches itself
+    dm = make_dm(root)
+    dm.load_state_dict({"batches_consumed": 7, "epoch": 1, "epoch_batches_consumed": 2})
+    dm.trainer = SimpleNamespace(global_rank=0, world_size=1, current_epoch=1)
+    epoch1 = [b["image_ids"].tolist() for b in dm.train_dataloader()]
+    fresh = make_dm(root)
+    fresh.trainer = SimpleNamespace(global_rank=0, world_size=1, current_epoch=1)
+    assert epoch1 == [b["image_ids"].tolist() for b in fresh.train_dataloader()][2:]
+
+
+class _Recorder(L.LightningModule):
+    """Records the batches it trains on; its loss is a trivial function of one parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.seen = []
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append(batch["image_ids"].tolist())
+        return (self.w - batch["pixel_values"].mean()) ** 2
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _fit(root, tmp_path, max_steps, ckpt_path=None, num_workers=0):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    model = _Recorder()
+    dm = make_dm(root, num_workers=num_workers)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1, filename="{step}")
+    trainer = L.Trainer(
+        max_steps=max_steps, accelerator="cpu", logger=False, callbacks=[ckpt], use_distributed_sampler=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+    )  # fmt: skip
+    trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+    return model.seen
+
+
+@pytest.mark.parametrize("step", [2, 5, 7])  # mid-epoch 0, mid-epoch 1 (5 batches per epoch), mid-epoch 1
+def test_lightning_resume_continues_with_the_next_batch(root, tmp_path, step):
+    full = _fit(root, tmp_path / "a", max_steps=9)
+    assert full[:5] != full[5:10]  # a new order in epoch 1
+    _fit(root, tmp_path / "b", max_steps=step)
+    ckpt = tmp_path / "b" / "ckpt" / f"step={step}.ckpt"
+    assert torch.load(ckpt, weights_only=True)["CocoCaptionDataModule"]["batches_consumed"] == step
+    resumed = _fit(root, tmp_path / "c", max_steps=9, ckpt_path=ckpt, num_workers=1 if step == 7 else 0)
+    assert resumed == full[step:]
+
+
+# --- prepare: download, verify, extract ---------------------------------------------------------------------
+
+
+def _zip_bytes(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def coco_zips(src: Path) -> dict[str, bytes]:
+    """The three COCO 2017 archives, tiny, from a fixture root holding train2017/val2017."""
+    zips = {}
+    for split in ("train2017", "val2017"):
+        zips[f"{split}.zip"] = _zip_bytes(
+            {f"{split}/{p.name}": p.read_bytes() for p in (src / split).iterdir()}
+        )
+    anns = {f"annotations/captions_{s}.json": (src / "annotations" / f"captions_{s}.json").read_bytes()
+            for s in ("train2017", "val2017")}  # fmt: skip
+    anns["annotations/instances_train2017.json"] = b"{}"  # not needed for captions: left out
+    zips["annotations_trainval2017.zip"] = _zip_bytes(anns)
+    return zips
+
+
+class _Server:
+    """A loopback HTTP server for in-memory files with Range support; it can cut its first answer short or
+    ignore Range for chosen files, and records what it was asked."""
+
+    def __init__(
+        self, files: dict[str, bytes], cut_first: set[str] = frozenset(), no_range: set[str] = frozenset()
+    ):
+        self.files, self.cut_first, self.no_range, self.requests = files, set(cut_first), no_range, []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                name = self.path.lstrip("/")
+                server.requests.append((name, self.headers.get("Range")))
+                data = server.files[name]
+                start = 0
+                if self.headers.get("Range") and name not in server.no_range:
+                    start = int(self.headers["Range"].removeprefix("bytes=").rstrip("-"))
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                else:
+                    self.send_response(200)
+                self.send_header("Content-Length", str(len(data) - start))
+                self.end_headers()
+                if name in server.cut_first:  # announce everything, send half, hang up
+                    server.cut_first.discard(name)
+                    self.wfile.write(data[start : start + (len(data) - start) // 2])
+                    self.close_connection = True
+                    return
+                self.wfile.write(data[start:])
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/{name}"
+
+
+@pytest.fixture
+def coco_src(tmp_path) -> Path:
+    make_caption_root(tmp_path / "src", "train2017", 3, first_id=1)
+    return make_caption_root(tmp_path / "src", "val2017", 2, first_id=101)
+
+
+def _point_urls(monkeypatch, server):
+    for name in coco.COCO_URLS:
+        monkeypatch.setitem(coco.COCO_URLS, name, server.url(name))
+
+
+def test_prepare_downloads_resumes_verifies_and_extracts(tmp_path, coco_src, monkeypatch):
+    zips = coco_zips(coco_src)
+    root = tmp_path / "coco"
+    (root / "downloads").mkdir(parents=True)
+    (root / "downloads" / "val2017.zip.part").write_bytes(zips["val2017.zip"][:100])  # an earlier partial run
+    stale = (
+        b"X" * 50
+    )  # a partial the server cannot resume (ignores Range): must be restarted, not appended to
+    (root / "downloads" / "annotations_trainval2017.zip.part").write_bytes(stale)
+    with _Server(zips, cut_first={"train2017.zip"}, no_range={"annotations_trainval2017.zip"}) as server:
+        _point_urls(monkeypatch, server)
+        coco.prepare_coco(root)
+        assert ("val2017.zip", "bytes=100-") in server.requests
+        assert [r for n, r in server.requests if n == "train2017.zip"] == [
+            None,
+            f"bytes={len(zips['train2017.zip']) // 2}-",  # the connection dropped half-way: resumed
+        ]
+        assert sorted(p.name for p in (root / "train2017").iterdir()) == sorted(
+            p.name for p in (coco_src / "train2017").iterdir()
+        ) + [coco.DONE_MARKER]
+        assert (root / "val2017" / "000000000101.jpg").read_bytes() == (
+            coco_src / "val2017" / "000000000101.jpg"
+        ).read_bytes()
+        assert sorted(p.name for p in (root / "annotations").iterdir() if not p.name.startswith(".")) == [
+            "captions_train2017.json",
+            "captions_val2017.json",
+        ]
+        assert not list((root / "downloads").iterdir())  # zips deleted after extraction
+        assert len(load_captions(root, "val2017").captions) == 6
+        n_requests = len(server.requests)
+        coco.prepare_coco(root)  # everything is done: no requests
+        assert len(server.requests) == n_requests
+
+
+def test_prepare_detects_a_corrupt_zip(tmp_path, coco_src, monkeypatch):
+    zips = coco_zips(coco_src)
+    member = (coco_src / "val2017" / "000000000102.png").read_bytes()
+    at = zips["val2017.zip"].index(member) + len(member) // 2
+    zips["val2017.zip"] = (
+        zips["val2017.zip"][:at] + bytes([zips["val2017.zip"][at] ^ 0xFF]) + zips["val2017.zip"][at + 1 :]
+    )
+    root = tmp_path / "coco"
+    with _Server(zips) as server:
+        _point_urls(monkeypatch, server)
+        with pytest.raises(
+            ValueError, match=r"val2017\.zip: corrupt zip, member 'val2017/000000000102\.png'"
+        ):
+            coco.prepare_coco(root)
+    assert not (root / "downloads" / "val2017.zip").exists()  # deleted so a re-run downloads it again
+    assert not (root / "val2017").exists() and (root / "train2017" / coco.DONE_MARKER).exists()
+
+
+def test_prepare_from_an_existing_copy(tmp_path, coco_src, monkeypatch):
+    for name in coco.COCO_URLS:  # any download attempt would fail
+        monkeypatch.setitem(coco.COCO_URLS, name, "http://127.0.0.1:9/nothing")
+    extracted = tmp_path / "extracted"
+    coco.prepare_coco(extracted, source=coco_src)
+    assert (extracted / "train2017").is_symlink() and (extracted / "annotations").is_symlink()
+    assert len(load_captions(extracted, "train2017").image_ids) == 3
+
+    zipped = tmp_path / "zips"
+    zipped.mkdir()
+    for name, data in coco_zips(coco_src).items():
+        (zipped / name).write_bytes(data)
+    root = tmp_path / "from_zips"
+    coco.prepare_coco(root, source=zipped)
+    assert not (root / "val2017").is_symlink() and (root / "val2017" / "000000000102.png").is_file()
+    assert (zipped / "val2017.zip").is_file()  # the source copy is left alone
+    with pytest.raises(FileNotFoundError, match=r"train2017\.zip"):
+        coco.prepare_coco(tmp_path / "other", source=tmp_path / "empty")
