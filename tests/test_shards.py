@@ -231,7 +231,7 @@ class _Recorder(L.LightningModule):
 
 def test_lightning_saves_and_restores_the_position(data_dir, tmp_path):
     def fit(max_steps, ckpt_path=None):
-        dm = TokenShardDataModule(str(data_dir), seq_len=T, micro_batch_size=B)
+        dm = TokenShardDataModule(data_dir, seq_len=T, micro_batch_size=B)
         model = _Recorder()
         trainer = L.Trainer(
             max_steps=max_steps,
@@ -250,6 +250,9 @@ def test_lightning_saves_and_restores_the_position(data_dir, tmp_path):
 
     trainer, _, first = fit(3)
     trainer.save_checkpoint(tmp_path / "mid.ckpt")
+    ckpt = torch.load(tmp_path / "mid.ckpt", weights_only=True)
+    assert ckpt["TokenShardDataModule"]["batches_consumed"] == 6
+    assert ckpt["datamodule_hyper_parameters"]["data_dir"] == str(data_dir)
     _, dm, rest = fit(5, tmp_path / "mid.ckpt")
     assert dm.start_batch == 6
     _, _, straight = fit(5)

@@ -79,7 +79,7 @@ def _next_logits(
     """Logits (B, n_vocab) float32 for the token after seq (B, T); with a cache only the last n_new are fed."""
     idx = seq[:, -n_new:] if cache is not None else seq
     logits, _ = lm(idx, context=context, cache=cache)  # (B, T', V)
-    return logits[:, -1, :n_vocab].float()
+    return logits[:, -1, :].float()
 
 
 def _until_eot(tokens: torch.Tensor, eot: int | None) -> list[list[int]]:

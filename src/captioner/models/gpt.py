@@ -90,7 +90,7 @@ class KVCache:
         """Keep batch rows `index` (LongTensor of shape (B',)), in that order: beam search's parent beams."""
         for store in (self.self_attn, self.cross_attn):
             for layer, (k, v) in store.items():
-                pass
+                store[layer] = (k.index_select(0, index), v.index_select(0, index))
 
 
 # --------------------------------------------------------------------------------------------------------------
