@@ -8,7 +8,12 @@ from captioner.models.gpt import GPT, GPTConfig
 from captioner.models.vision import VisionEncoder
 
 TINY_CLIP = dict(
-    hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=64, patch_size=16
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=64,
+    image_size=64,
+    patch_size=16,
 )
 
 
@@ -104,13 +109,19 @@ def test_freeze_policy_only_chosen_parts_learn(parts):
 
 def test_default_policy_trains_cross_attention_and_projection():
     model = make_captioner()
-    trainable = {name.split(".")[0] + "." + name.split(".")[1] for name, p in model.named_parameters() if p.requires_grad}
+    trainable = {
+        name.split(".")[0] + "." + name.split(".")[1]
+        for name, p in model.named_parameters()
+        if p.requires_grad
+    }
     assert trainable == {"lm.cross", "vision.proj"}
 
 
 def test_unknown_part_is_rejected():
     model = make_captioner()
-    with pytest.raises(ValueError, match=r"unknown trainable part 'decoder'; valid parts: xattn, projection, vision, lm"):
+    with pytest.raises(
+        ValueError, match=r"unknown trainable part 'decoder'; valid parts: xattn, projection, vision, lm"
+    ):
         model.set_trainable(["xattn", "decoder"])
 
 

@@ -10,7 +10,12 @@ from captioner.models.vision import VisionEncoder
 from captioner.tokenizer import EOT
 
 TINY_CLIP = dict(
-    hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=64, patch_size=16
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=64,
+    image_size=64,
+    patch_size=16,
 )
 
 
@@ -67,7 +72,9 @@ def test_beam_of_one_is_greedy(captioner, pixels):
 def test_kv_cache_changes_nothing(captioner, pixels, options):
     def run(use_cache):
         generator = torch.Generator().manual_seed(3)
-        return captioner.generate(pixels, max_new_tokens=12, generator=generator, use_cache=use_cache, **options)
+        return captioner.generate(
+            pixels, max_new_tokens=12, generator=generator, use_cache=use_cache, **options
+        )
 
     assert run(use_cache=True) == run(use_cache=False)
 
@@ -81,7 +88,9 @@ def test_kv_cache_changes_nothing_for_the_plain_lm():
 
 def test_sampling_is_reproducible_with_a_seeded_generator(captioner, pixels):
     def run(seed):
-        return captioner.generate(pixels, method="sample", max_new_tokens=10, generator=torch.Generator().manual_seed(seed))
+        return captioner.generate(
+            pixels, method="sample", max_new_tokens=10, generator=torch.Generator().manual_seed(seed)
+        )
 
     assert run(7) == run(7)
     assert run(7) != run(8)
@@ -130,6 +139,12 @@ def test_a_model_that_always_says_eot_gives_empty_captions(captioner, pixels):
         captioner.lm.transformer.wte.weight[EOT] = v
     for method in ("greedy", "beam", "sample"):
         assert captioner.generate(pixels, method=method, max_new_tokens=10) == [[], [], []]
+    prompt = torch.full((3, 1), EOT)
+    context = captioner.image_context(pixels)
+    tokens = decoding.decode(
+        captioner.lm, prompt, decoding.argmax, max_new_tokens=10, eot=EOT, context=context
+    )
+    assert tokens.tolist() == [[EOT]] * 3  # decoding ends as soon as every row has finished
 
 
 def test_each_row_stops_at_its_own_eot():

@@ -34,7 +34,7 @@ def test_named_configs_and_hydra_dicts():
     assert GPTConfig.named("gpt2").vocab_size == 50257
     assert GPTConfig.named("demo", n_layer=3).n_layer == 3
     assert GPTConfig.named("tiny") == GPTConfig(**dataclasses.asdict(GPTConfig.named("tiny")))
-    with pytest.raises(ValueError, match="unknown GPT config name 'gpt5'.*gpt2_124m"):
+    with pytest.raises(ValueError, match=r"unknown GPT config name 'gpt5'.*gpt2_124m"):
         GPTConfig.named("gpt5")
 
 
@@ -149,7 +149,9 @@ def test_kv_cache_reorder_selects_batch_rows():
     assert before[:, 0, 0, 0].tolist() == [0.0, 1.0, 2.0]  # replaced, not written in place
 
 
-@pytest.mark.parametrize(("n_layer", "every", "blocks"), [(4, 1, [0, 1, 2, 3]), (4, 2, [1, 3]), (8, 4, [3, 7])])
+@pytest.mark.parametrize(
+    ("n_layer", "every", "blocks"), [(4, 1, [0, 1, 2, 3]), (4, 2, [1, 3]), (8, 4, [3, 7])]
+)
 def test_cross_attention_slots(n_layer, every, blocks):
     model = GPT(small(n_layer=n_layer))
     plain_keys = set(model.state_dict())

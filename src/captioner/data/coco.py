@@ -782,27 +782,32 @@ class CocoCaptionDataModule(L.LightningDataModule):
 
     # --- evaluation helpers -------------------------------------------------------------------------------
     def val_generation_items(self, n: int | None = None) -> list[dict]:
-        """A fixed (seeded) subset of `val_gen_images` captioned val images, for generation and the gallery:
-        [{"image_id", "path", "pixel_values" (3, S, S) or "features" (N, D)}]. Unreadable images are left out."""
+        """A fixed subset of `n` (default `val_gen_images`) captioned val images, for generation and the gallery:
+        [{"image_id", "path", "pixel_values" (3, S, S) or "features" (N, D)}], in annotation-file order.
+
+        The images are the first readable ones of a permutation drawn from `seed`, so the subset is the same on
+        every call and every rank, and unreadable images are replaced rather than shrinking it.
+        """
         split = self._split(self.hparams.val_split)
         n = self.hparams.val_gen_images if n is None else n
         captioned = np.flatnonzero(np.diff(split.index.offsets))
-        rng = np.random.default_rng(self.hparams.seed)
-        chosen = np.sort(rng.permutation(captioned)[:n])
-        items = []
-        for i in chosen.tolist():
+        chosen: dict[int, torch.Tensor] = {}
+        for i in np.random.default_rng(self.hparams.seed).permutation(captioned).tolist():
+            if len(chosen) == n:
+                break
             image = split.source.load(i)
             if image is None:
                 log.warning("val generation: skipping unreadable image %s", split.index.image_path(i))
                 continue
-            items.append(
-                {
-                    "image_id": split.index.image_ids[i],
-                    "path": str(split.index.image_path(i)),
-                    split.source.key: image,
-                }
-            )
-        return items
+            chosen[i] = image
+        return [
+            {
+                "image_id": split.index.image_ids[i],
+                "path": str(split.index.image_path(i)),
+                split.source.key: image,
+            }
+            for i, image in sorted(chosen.items())
+        ]
 
     def val_references(self) -> dict[int, list[str]]:
         """Raw reference captions of every captioned val image (the metrics tokenise them themselves)."""

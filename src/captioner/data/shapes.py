@@ -29,7 +29,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from captioner.data.shards import shard_path, write_shard
 from captioner.io import atomic_path, save_json, save_text
 from captioner.tokenizer import EOT, gpt2_encoding
 
@@ -180,7 +179,7 @@ def _plural(n: int, noun: str) -> str:
 
 
 def noun_phrase(obj: Obj, rng: random.Random, *, sizes: bool) -> str:
-    """ "a small red circle" / "an orange star": an indefinite mention of one object."""
+    """An indefinite mention of one object: "a small red circle", "an orange star"."""
     words = [rng.choice(SIZE_WORDS[obj.size])] if sizes else []
     words += [obj.color, obj.shape]
     return f"{_article(words[0])} {' '.join(words)}"
@@ -415,8 +414,10 @@ def hellaswag_rows(rng: random.Random, n: int) -> list[dict]:
     rows = []
     for ind in range(n):
         kind = QUESTION_KINDS[ind % len(QUESTION_KINDS)]
-        while (q := question(scene := sample_scene(rng), rng, kind)) is None:
-            pass
+        q = None
+        while q is None:  # not every scene can ask every kind (e.g. a relation needs an aligned pair)
+            scene = sample_scene(rng)
+            q = question(scene, rng, kind)
         context, stem, right, wrong = q
         endings = [right, *wrong]
         rng.shuffle(endings)
@@ -683,6 +684,9 @@ def write_text_shards(
     out_dir: str | Path, *, seed: int, split: str, n_tokens: int, shard_size: int | None = None
 ) -> list[Path]:
     """Token shards for `split`: val is one shard, index 0; train is shards 1.. of `shard_size` tokens."""
+    # Lazy: the shards module also holds the Lightning DataModule, whose import costs seconds.
+    from captioner.data.shards import shard_path, write_shard
+
     if split == "val":
         paths = [shard_path(out_dir, PREFIX, "val", 0)]
         shard_size = n_tokens

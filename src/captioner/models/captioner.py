@@ -67,7 +67,9 @@ class GatedCrossAttention(nn.Module):
             k, v = self.image_kv(context)
             if cache is not None:
                 cache.cross_attn[layer] = (k, v)
-        y = F.scaled_dot_product_attention(q, k, v)  # (B, nh, T, hs): every text position sees every image token
+        y = F.scaled_dot_product_attention(
+            q, k, v
+        )  # (B, nh, T, hs): every text position sees every image token
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         x = x + self.attn_gate.tanh() * self.c_proj(y)  # (B, T, C)
         x = x + self.ff_gate.tanh() * self.mlp(self.ln_2(x))  # (B, T, C)
@@ -95,7 +97,9 @@ class Captioner(nn.Module):
             )
         self.lm = lm
         self.vision = vision
-        self.lm.insert_cross_attention(cross_every, lambda i: GatedCrossAttention(lm.config.n_embd, lm.config.n_head))
+        self.lm.insert_cross_attention(
+            cross_every, lambda i: GatedCrossAttention(lm.config.n_embd, lm.config.n_head)
+        )
         self.set_trainable(trainable)
 
     def image_context(
@@ -172,6 +176,12 @@ class Captioner(nn.Module):
             )
         if method == "sample":
             return decoding.sample(
-                self.lm, prompt, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, **common
+                self.lm,
+                prompt,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                generator=generator,
+                **common,
             )
         raise ValueError(f"unknown decoding method {method!r}; choose greedy, beam or sample")

@@ -79,7 +79,7 @@ def _next_logits(
     """Logits (B, n_vocab) float32 for the token after seq (B, T); with a cache only the last n_new are fed."""
     idx = seq[:, -n_new:] if cache is not None else seq
     logits, _ = lm(idx, context=context, cache=cache)  # (B, T', V)
-    return logits[:, -1, :].float()
+    return logits[:, -1, :n_vocab].float()
 
 
 def _until_eot(tokens: torch.Tensor, eot: int | None) -> list[list[int]]:
@@ -135,7 +135,14 @@ def greedy(
 ) -> list[list[int]]:
     """Most likely token at each step. Returns per-row new ids, eot excluded."""
     tokens = decode(
-        lm, prompt, argmax, max_new_tokens=max_new_tokens, eot=eot, context=context, use_cache=use_cache, n_vocab=n_vocab
+        lm,
+        prompt,
+        argmax,
+        max_new_tokens=max_new_tokens,
+        eot=eot,
+        context=context,
+        use_cache=use_cache,
+        n_vocab=n_vocab,
     )
     return _until_eot(tokens, eot)
 
@@ -157,7 +164,14 @@ def sample(
     """Temperature / top-k / top-p sampling (see `sampler`). Returns per-row new ids, eot excluded."""
     pick = sampler(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
     tokens = decode(
-        lm, prompt, pick, max_new_tokens=max_new_tokens, eot=eot, context=context, use_cache=use_cache, n_vocab=n_vocab
+        lm,
+        prompt,
+        pick,
+        max_new_tokens=max_new_tokens,
+        eot=eot,
+        context=context,
+        use_cache=use_cache,
+        n_vocab=n_vocab,
     )
     return _until_eot(tokens, eot)
 

@@ -103,9 +103,13 @@ class CausalSelfAttention(nn.Module):
         self.n_head = n_head
         self.n_embd = n_embd
         self.c_attn = nn.Linear(n_embd, 3 * n_embd)  # q, k, v for all heads in one matmul
-        self.c_proj = nn.Linear(n_embd, n_embd)  # residual projection: init std scaled down (GPT._init_weights)
+        self.c_proj = nn.Linear(
+            n_embd, n_embd
+        )  # residual projection: init std scaled down (GPT._init_weights)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, layer: int | None = None
+    ) -> torch.Tensor:
         """x (B, T, C) → (B, T, C). With a cache, x holds only the new positions; earlier keys come from it."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # (B, T, C) each
@@ -150,7 +154,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(n_embd)
         self.mlp = MLP(n_embd)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, layer: int | None = None
+    ) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), cache=cache, layer=layer)  # (B, T, C)
         x = x + self.mlp(self.ln_2(x))  # (B, T, C)
         return x
@@ -213,7 +219,7 @@ class GPT(nn.Module):
         feed only new tokens (their positions continue from cache.length; the cache is extended).
         Returns logits (B, T, V) and loss (scalar) or None.
         """
-        B, T = idx.size()
+        T = idx.size(1)  # idx is (B, T)
         start = 0 if cache is None else cache.length
         if start + T > self.config.block_size:
             raise ValueError(
@@ -286,13 +292,19 @@ class GPT(nn.Module):
         if hc.activation_function != "gelu_new":
             raise ValueError(f"{name_or_dir}: activation_function {hc.activation_function!r} is not GPT-2's")
         config = GPTConfig(
-            block_size=hc.n_positions, vocab_size=hc.vocab_size, n_layer=hc.n_layer, n_head=hc.n_head, n_embd=hc.n_embd
+            block_size=hc.n_positions,
+            vocab_size=hc.vocab_size,
+            n_layer=hc.n_layer,
+            n_head=hc.n_head,
+            n_embd=hc.n_embd,
         )
         model = cls(config)
         sd = model.state_dict()
         # HF's GPT-2 uses Conv1D modules: the same math as Linear with the weight stored transposed.
         transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-        sd_hf = {k: v for k, v in hf.state_dict().items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+        sd_hf = {
+            k: v for k, v in hf.state_dict().items() if not k.endswith((".attn.bias", ".attn.masked_bias"))
+        }
         if set(sd_hf) != set(sd):
             raise ValueError(
                 f"{name_or_dir}: weights do not match GPT-2's layout; "
@@ -317,14 +329,17 @@ class GPT(nn.Module):
             ) from e
         known = {f.name for f in dataclasses.fields(GPTConfig)}
         if not isinstance(fields, dict) or set(fields) - known:
-            raise ValueError(f"{path}: hyper_parameters.model must hold GPTConfig fields {sorted(known)}, got {fields!r}")
+            raise ValueError(
+                f"{path}: hyper_parameters.model must hold GPTConfig fields {sorted(known)}, got {fields!r}"
+            )
         model = cls(GPTConfig(**fields))
         weights = {}
         for key, value in state_dict.items():
             if key.startswith("model."):
                 weights[key.removeprefix("model.").replace("_orig_mod.", "")] = value
         if not weights:
-            raise ValueError(f"{path}: state_dict has no `model.` keys; keys start with {sorted(state_dict)[:3]}")
+            raise ValueError(
+                f"{path}: state_dict has no `model.` keys; keys start with {sorted(state_dict)[:3]}"
+            )
         model.load_state_dict(weights)
         return model
-

@@ -70,7 +70,9 @@ class VisionEncoder(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.clip_frozen):
             return self.clip(pixel_values=pixel_values.to(dtype)).last_hidden_state  # (B, N, D)
 
-    def forward(self, pixel_values: torch.Tensor | None = None, features: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, pixel_values: torch.Tensor | None = None, features: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Image tokens (B, N, C) from pixels (B, 3, H, W) or from precomputed `encode` outputs (B, N, D)."""
         if (pixel_values is None) == (features is None):
             raise ValueError("VisionEncoder.forward takes exactly one of pixel_values or features")
