@@ -159,3 +159,34 @@ def test_data_module_serves_cached_features_without_decoding(root, tmp_path, mon
     stale = CocoCaptionDataModule(str(root), features_dir=str(tmp_path / "feats"), **args)
     with pytest.raises(ValueError, match=r"val\.json: no cached features for 1 image.*image_id 777"):
         stale.setup("validate")
+
+
+def test_caption_loss_is_the_same_from_features_and_pixels(root, tmp_path):
+    from captioner.models.captioner import Captioner
+    from captioner.models.gpt import GPT, GPTConfig
+
+    encoder = tiny_encoder()
+    build_feature_cache(encoder, root, "train", tmp_path / "feats", image_size=32, batch_size=4)
+    config = GPTConfig.named("tiny")
+    torch.manual_seed(0)
+    model = Captioner(GPT(config), VisionEncoder(config.n_embd, clip=None, clip_config=TINY_CLIP))
+    model.vision.clip.load_state_dict(encoder.clip.state_dict())
+    gates = [p for name, p in model.named_parameters() if name.endswith("_gate")]
+    assert gates
+    with torch.no_grad():
+        for gate in gates:
+            gate.fill_(1.0)  # open the gates, so the loss depends on the image
+    args = dict(train_split="train", val_split="val", batch_size=6, num_workers=0, image_size=32, seed=3)
+    batches = {}
+    for mode, extra in (("pixels", {}), ("features", {"features_dir": str(tmp_path / "feats")})):
+        dm = CocoCaptionDataModule(str(root), **args, **extra)
+        dm.setup("fit")
+        batches[mode] = next(iter(dm.train_dataloader()))
+    model.eval()
+    with torch.no_grad():
+        pix, feat = batches["pixels"], batches["features"]
+        _, loss_pixels = model(pix["input_ids"], pix["labels"], pixel_values=pix["pixel_values"])
+        _, loss_features = model(feat["input_ids"], feat["labels"], features=feat["features"])
+        _, loss_other = model(feat["input_ids"], feat["labels"], features=feat["features"].roll(1, 0))
+    torch.testing.assert_close(loss_features, loss_pixels, atol=1e-4, rtol=1e-4)
+    assert abs(loss_other - loss_pixels) > 1e-3  # the images matter, so the equality above means something

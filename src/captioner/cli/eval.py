@@ -26,10 +26,7 @@ def _hellaswag(args) -> dict:
     data = Path(args.data) if args.data else download_hellaswag(Path("data/hellaswag"), split="val")
     if not data.is_file():
         raise FileNotFoundError(f"HellaSwag file not found: {data}")
-    if args.ckpt:
-        model = GPT.from_lightning_checkpoint(args.ckpt)
-    else:
-        model = GPT.from_pretrained(args.hf)
+    model = GPT.from_lightning_checkpoint(args.ckpt) if args.ckpt else GPT.from_pretrained(args.hf)
     if device == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 matmuls, as build-nanogpt evaluates
     model.to(device)

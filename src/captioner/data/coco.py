@@ -268,14 +268,11 @@ def _use_source(source: Path, root: Path, name: str, top: str, splits: Sequence[
 
 
 def _build_features(root, splits, *, clip, features_dir, device, batch_size, num_workers) -> None:
-    from transformers import CLIPVisionConfig
-
     from captioner.data.features import build_feature_cache
     from captioner.models.vision import VisionEncoder
 
-    # `encode` returns CLIP's own tokens, so the projection width (first argument) does not matter here.
-    hidden = CLIPVisionConfig.from_pretrained(clip).hidden_size
-    encoder = VisionEncoder(hidden, clip=clip)
+    # The cache holds `encode` outputs (CLIP's own tokens): the projection and its width play no part.
+    encoder = VisionEncoder(768, clip=clip).requires_grad_(False)
     for split in splits:
         build_feature_cache(
             encoder,
@@ -407,10 +404,10 @@ def load_captions(root: str | Path, split: str, prepare_hint: str = "captioner-p
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object with 'images' and 'annotations'")
     for key in ("images", "annotations"):
-        if not isinstance(data.get(key), list):
-            raise ValueError(
-                f"{path}: top-level key {key!r} must be a list, got {data.get(key, 'nothing')!r:.80}"
-            )
+        if key not in data:
+            raise ValueError(f"{path}: missing top-level key {key!r}")
+        if not isinstance(data[key], list):
+            raise ValueError(f"{path}: top-level key {key!r} must be a list, got {type(data[key]).__name__}")
     if not data["images"]:
         raise ValueError(f"{path}: split {split!r} is empty ('images' is an empty list)")
     if not data["annotations"]:
