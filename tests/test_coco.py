@@ -312,10 +312,10 @@ def _fit(root, tmp_path, max_steps, ckpt_path=None, num_workers=0):
     model = _Recorder()
     dm = make_dm(root, num_workers=num_workers)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1, filename="{step}")
+    quiet = dict(logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
     trainer = L.Trainer(
-        max_steps=max_steps, accelerator="cpu", logger=False, callbacks=[ckpt], use_distributed_sampler=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-    )  # fmt: skip
+        max_steps=max_steps, accelerator="cpu", callbacks=[ckpt], use_distributed_sampler=False, **quiet
+    )
     trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
     return model.seen
 
@@ -349,8 +349,7 @@ def coco_zips(src: Path) -> dict[str, bytes]:
         zips[f"{split}.zip"] = _zip_bytes(
             {f"{split}/{p.name}": p.read_bytes() for p in (src / split).iterdir()}
         )
-    anns = {f"annotations/captions_{s}.json": (src / "annotations" / f"captions_{s}.json").read_bytes()
-            for s in ("train2017", "val2017")}  # fmt: skip
+    anns = {f"annotations/{p.name}": p.read_bytes() for p in (src / "annotations").iterdir()}
     anns["annotations/instances_train2017.json"] = b"{}"  # not needed for captions: left out
     zips["annotations_trainval2017.zip"] = _zip_bytes(anns)
     return zips

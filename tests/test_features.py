@@ -86,8 +86,8 @@ def test_interrupted_build_resumes_to_the_same_file(root, tmp_path):
 
     out = tmp_path / "feats"
     with pytest.raises(KeyboardInterrupt):  # dies in the third batch, after two batches were recorded
-        build_feature_cache(CountingEncoder(encoder, fail_on_call=3), root, "val", out, image_size=32,
-                            batch_size=2, save_every=1)  # fmt: skip
+        failing = CountingEncoder(encoder, fail_on_call=3)
+        build_feature_cache(failing, root, "val", out, image_size=32, batch_size=2, save_every=1)
     assert (
         not (out / "val.json").exists() and json.loads((out / "val.progress.json").read_text())["done"] == 4
     )
@@ -166,7 +166,8 @@ def test_caption_loss_is_the_same_from_features_and_pixels(root, tmp_path):
     from captioner.models.gpt import GPT, GPTConfig
 
     encoder = tiny_encoder()
-    build_feature_cache(encoder, root, "train", tmp_path / "feats", image_size=32, batch_size=4)
+    for split in ("train", "val"):
+        build_feature_cache(encoder, root, split, tmp_path / "feats", image_size=32, batch_size=4)
     config = GPTConfig.named("tiny")
     torch.manual_seed(0)
     model = Captioner(GPT(config), VisionEncoder(config.n_embd, clip=None, clip_config=TINY_CLIP))
@@ -190,3 +191,17 @@ def test_caption_loss_is_the_same_from_features_and_pixels(root, tmp_path):
         _, loss_other = model(feat["input_ids"], feat["labels"], features=feat["features"].roll(1, 0))
     torch.testing.assert_close(loss_features, loss_pixels, atol=1e-4, rtol=1e-4)
     assert abs(loss_other - loss_pixels) > 1e-3  # the images matter, so the equality above means something
+
+
+def test_prepare_coco_builds_the_cache_of_each_split(tmp_path):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    make_caption_root(tmp_path / "src", "train2017", 3, first_id=1)
+    make_caption_root(tmp_path / "src", "val2017", 2, first_id=101)
+    CLIPVisionModel(CLIPVisionConfig(**TINY_CLIP)).save_pretrained(tmp_path / "clip")
+    clip = str(tmp_path / "clip")
+    coco.prepare_coco(tmp_path / "coco", source=tmp_path / "src", features=True, clip=clip, num_workers=0)
+    for split, n in (("train2017", 3), ("val2017", 2)):
+        store = FeatureStore(tmp_path / "coco" / "features", split)
+        assert store.shape == (n, 17, 32) and all(store.ok)
+        assert store.encoder["clip"] == str(tmp_path / "clip")

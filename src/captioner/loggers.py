@@ -10,13 +10,13 @@ from __future__ import annotations
 import csv
 import os
 
-from lightning.fabric.loggers.csv_logs import _ExperimentWriter
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from captioner.io import atomic_path
 
 
-class _KeepingWriter(_ExperimentWriter):
+class _KeepingWriter(ExperimentWriter):
     def _check_log_dir_exists(self) -> None:
         if os.path.isfile(self.metrics_file_path):
             with open(self.metrics_file_path, newline="") as f:
@@ -27,7 +27,7 @@ class ResumableCSVLogger(CSVLogger):
     """`CSVLogger` that appends to an existing metrics.csv instead of deleting it."""
 
     @property
-    def experiment(self) -> _ExperimentWriter:
+    def experiment(self) -> ExperimentWriter:
         if self._experiment is None:
             os.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _KeepingWriter(log_dir=self.log_dir)
@@ -35,7 +35,7 @@ class ResumableCSVLogger(CSVLogger):
 
     def truncate_from(self, step: int) -> None:
         """Drop rows with step >= `step` (logged after the checkpoint a run resumes from)."""
-        path = os.path.join(self.log_dir, _ExperimentWriter.NAME_METRICS_FILE)
+        path = os.path.join(self.log_dir, ExperimentWriter.NAME_METRICS_FILE)
         if not os.path.isfile(path):
             return
         with open(path, newline="") as f:

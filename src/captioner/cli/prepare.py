@@ -26,19 +26,17 @@ def _fineweb(args) -> None:
 def _coco(args) -> None:
     from captioner.data.coco import prepare_coco
 
-    prepare_coco(args.root, source=args.source)
-    if args.features:
-        from captioner.data.features import build_feature_cache
-        from captioner.models.vision import VisionEncoder
-
-        encoder = VisionEncoder(out_dim=768, clip=args.clip).to(args.device).eval()
-        for split in args.splits:
-            out = build_feature_cache(
-                encoder, args.root, split, Path(args.root) / "features", batch_size=args.batch_size,
-                device=args.device, num_workers=args.num_workers,
-            )
-            print(f"features for {split}: {out}")
-    print(f"COCO ready in {args.root}")
+    prepare_coco(
+        args.root,
+        source=args.source,
+        features=args.features,
+        splits=tuple(args.splits),
+        clip=args.clip,
+        device=args.device,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+    )
+    print(f"COCO ready in {args.root}" + (f" (CLIP features in {args.root}/features)" if args.features else ""))
 
 
 def _hellaswag(args) -> None:

@@ -53,6 +53,14 @@ class DownloadError(OSError):
     """A transfer ended short or inconsistent; the `.part` file is kept so that a retry resumes it."""
 
 
+RETRYABLE = (
+    requests.ConnectionError,
+    requests.Timeout,
+    requests.exceptions.ChunkedEncodingError,
+    DownloadError,
+)
+
+
 def download(
     url: str, dest: str | Path, *, retries: int = 3, chunk_size: int = 1 << 16, timeout: float = 60
 ) -> Path:
@@ -71,11 +79,12 @@ def download(
         try:
             _fetch_into(url, part, chunk_size=chunk_size, timeout=timeout)
             break
-        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
-                DownloadError) as err:  # fmt: skip
+        except RETRYABLE as err:
             if attempt == retries:
-                raise DownloadError(f"{url}: giving up after {retries + 1} attempts ({err}); {part} is kept, "
-                                    "re-run to resume") from err  # fmt: skip
+                message = (
+                    f"{url}: giving up after {retries + 1} attempts ({err}); {part} is kept, re-run to resume"
+                )
+                raise DownloadError(message) from err
             log.warning("%s: %s; resuming (attempt %d of %d)", url, err, attempt + 2, retries + 1)
     os.replace(part, dest)
     return dest
@@ -244,8 +253,10 @@ def prepare_coco(
         index = load_captions(root, split)
         log.info("%s: %d images, %d captions", split, len(index.image_ids), len(index.caption_image))
     if features:
-        _build_features(root, splits, clip=clip, features_dir=features_dir, device=device,
-                        batch_size=batch_size, num_workers=num_workers)  # fmt: skip
+        out_dir = Path(features_dir) if features_dir else root / "features"
+        _build_features(
+            root, splits, out_dir, clip=clip, device=device, batch_size=batch_size, workers=num_workers
+        )
 
 
 def _use_source(source: Path, root: Path, name: str, top: str, splits: Sequence[str]) -> None:
@@ -267,7 +278,7 @@ def _use_source(source: Path, root: Path, name: str, top: str, splits: Sequence[
     )
 
 
-def _build_features(root, splits, *, clip, features_dir, device, batch_size, num_workers) -> None:
+def _build_features(root, splits, out_dir, *, clip, device, batch_size, workers) -> None:
     from captioner.data.features import build_feature_cache
     from captioner.models.vision import VisionEncoder
 
@@ -278,11 +289,11 @@ def _build_features(root, splits, *, clip, features_dir, device, batch_size, num
             encoder,
             root,
             split,
-            Path(features_dir) if features_dir else Path(root) / "features",
+            out_dir,
             image_size=encoder.image_size,
             batch_size=batch_size,
             device=device,
-            num_workers=num_workers,
+            num_workers=workers,
         )
 
 
@@ -606,6 +617,7 @@ class CaptionSampler(Sampler[int]):
         return iter(order.tolist())
 
     def __len__(self) -> int:
+        # "one" draws a caption for every image that has one
         n = (
             len(self.index.caption_image)
             if self.mode == "all"
@@ -674,9 +686,8 @@ class CocoCaptionDataModule(L.LightningDataModule):
             }
         )
         self._splits: dict[str, _Split] = {}
-        self._resume: dict | None = (
-            None  # {"epoch", "batches"} from a checkpoint, used by the next train loader
-        )
+        # {"epoch", "batches"} from a checkpoint: where the train loader of that epoch starts
+        self._resume: dict | None = None
 
     # --- loading ------------------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
@@ -757,10 +768,9 @@ class CocoCaptionDataModule(L.LightningDataModule):
     def state_dict(self) -> dict:
         """Loader position for an exact mid-epoch resume (same world size and batch size assumed).
 
-        "batches_consumed" counts per-rank batches over the whole run (global_step × accumulation);
-        "epoch_batches_consumed" is Lightning's own count of batches fetched in the current epoch, which is
-        where it resumes that epoch (epochs cut short by limit_train_batches make the two differ by more than
-        whole epochs).
+        "epoch_batches_consumed" is Lightning's own count of batches fetched in the current epoch: where
+        Lightning resumes that epoch, so where the loader must resume too. "batches_consumed" (per-rank batches
+        of the whole run, global_step × accumulation) equals it only within the first epoch.
         """
         trainer = self.trainer
         if trainer is None:
@@ -809,8 +819,8 @@ class CocoCaptionDataModule(L.LightningDataModule):
     def val_references(self) -> dict[int, list[str]]:
         """Raw reference captions of every captioned val image (the metrics tokenise them themselves)."""
         index = self._split(self.hparams.val_split).index
-        return {image_id: index.image_captions(i) for i, image_id in enumerate(index.image_ids)
-                if index.offsets[i + 1] > index.offsets[i]}  # fmt: skip
+        refs = {image_id: index.image_captions(i) for i, image_id in enumerate(index.image_ids)}
+        return {image_id: captions for image_id, captions in refs.items() if captions}
 
     def image_path(self, image_id: int) -> Path:
         """The file of an image id, looked up in the val split first, then in train."""

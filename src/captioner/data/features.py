@@ -179,8 +179,8 @@ class FeatureStore:
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
             raise ValueError(f"{self.meta_path}: not a feature-cache metadata file ({err!r})") from err
         if meta.get("dtype") != "float16" or len(self.shape) != 3:
-            raise ValueError(f"{self.meta_path}: expected dtype float16 and a 3-d shape, got {meta.get('dtype')!r} "
-                             f"{self.shape}")  # fmt: skip
+            got = f"{meta.get('dtype')!r} {self.shape}"
+            raise ValueError(f"{self.meta_path}: expected dtype float16 and a 3-d shape, got {got}")
         expected = int(np.prod(self.shape)) * np.dtype(DTYPE).itemsize
         if (size := self.data_path.stat().st_size) != expected:
             raise ValueError(f"{self.data_path}: {size} bytes, but shape {self.shape} needs {expected}")

@@ -129,6 +129,10 @@ class CaptionModule(TrainingModule):
 
     # --- steps --------------------------------------------------------------------------------------------
     def _forward(self, batch):
+        if batch["labels"].numel() == 0 or bool((batch["labels"] == -100).all()):
+            # Every image of this batch was unreadable: a zero loss that still touches every trainable
+            # parameter keeps DDP's gradient all-reduce in step across ranks.
+            return sum(p.sum() * 0.0 for p in self.model.parameters() if p.requires_grad)
         _, loss = self.model(
             batch["input_ids"],
             labels=batch["labels"],
