@@ -11,20 +11,21 @@ clip 1.0 on both paths. Throughput is measured over the optimizer steps after th
 read after a CUDA synchronize at the end of each optimizer step. Random tokens: the data's content does not
 change the speed, and the two paths' final losses should agree (a check that they did the same work).
 
-`gpu_check.py` imports `run_lightning`, `run_plain`, `write_token_shards` and the helpers from here.
+`bench_caption.py` and `gpu_check.py` import the helpers and `compare_training` from here. On a CPU the
+benchmarks run one thread by default (see `set_cpu_threads`).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import logging
+import os
 import statistics
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import lightning as L
@@ -51,6 +52,23 @@ def default_device() -> str:
 
 def default_precision(device: torch.device) -> str:
     return "bf16-mixed" if device.type == "cuda" else "32-true"
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's thread count and load (other processes on a shared CPU skew its timings)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
+    return f"cpu ({torch.get_num_threads()} threads{load}, {os.cpu_count()} cores)"
+
+
+def set_cpu_threads(device: torch.device, threads: int | None) -> None:
+    """Benchmarks on a CPU default to 1 thread: when another process shares the cores, an OpenMP team of 2 waits
+    at every barrier for its descheduled thread, and step times swing by 5x; one thread keeps them steady."""
+    if threads is None and device.type == "cpu":
+        threads = 1
+    if threads:
+        torch.set_num_threads(threads)
 
 
 def autocast(device: torch.device, precision: str):
@@ -82,16 +100,17 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*TensorCore.*|.*Tensor Cores.*")
     warnings.filterwarnings("ignore", message=".*LitLogger.*|.*litlogger.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)  # inside Lightning
 
 
-def table(headers: list[str], rows: list[list]) -> str:
-    """A plain-text table: first column left-aligned, the others right-aligned."""
+def table(headers: list[str], rows: list[list], left: int = 1) -> str:
+    """A plain-text table: the first `left` columns left-aligned, the others right-aligned."""
     cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     lines = []
     for k, row in enumerate(cells):
-        parts = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]
-        lines.append("  ".join(parts))
+        parts = [c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        lines.append("  ".join(parts).rstrip())
         if k == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
@@ -290,7 +309,7 @@ def compare_training(setup: TrainSetup, device: torch.device, repeats: int = 1) 
                 run = run_plain if path == "plain" else run_lightning
                 runs[path].append(run(data_dir, setup, device))
     return {
-        path: dataclasses.replace(results[-1], step_seconds=[s for r in results for s in r.step_seconds])
+        path: replace(results[-1], step_seconds=[s for r in results for s in r.step_seconds])
         for path, results in runs.items()
     }
 
@@ -392,7 +411,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, help="timed optimizer steps per run (GPU: 20, CPU: 8)")
     p.add_argument("--warmup", type=int, help="untimed optimizer steps first, >= 1 (GPU: 5, CPU: 2)")
     p.add_argument("--repeats", type=int, help="runs per path in ABBA order, steps pooled (GPU: 1, CPU: 2)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--threads", type=int, help="torch CPU threads (default: 1 on CPU, torch's choice with CUDA)"
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the training forward on both paths")
     p.add_argument(
         "--hellaswag", type=int, help="shapes HellaSwag examples to score (GPU: 256, CPU: 64; 0 skips)"
@@ -410,8 +431,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_cpu_threads(device, args.threads)
     setup = TrainSetup(
         model=args.model,
         micro_batch=args.micro_batch,
@@ -425,11 +445,7 @@ def main(argv=None) -> None:
     config = setup.gpt_config()
     with torch.device("meta"):  # shapes only: counting parameters allocates nothing
         n_params = GPT(config).num_params()
-    name = (
-        torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"cpu ({torch.get_num_threads()} threads)"
-    )
+    name = device_name(device)
     print(
         f"bench_pretrain | {name} | torch {torch.__version__} | model {setup.model} "
         f"({config.n_layer}L {config.n_head}H {config.n_embd}C, {n_params / 1e6:.1f}M params) | {setup.precision}"

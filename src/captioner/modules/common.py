@@ -23,6 +23,7 @@ class OptimConfig:
     warmup_steps: int = 715
     max_steps: int = 19073
     min_lr_ratio: float = 0.1
+    gate_lr_mult: float = 1.0  # lr multiplier of the cross-attention gates (stage 2)
 
 
 def rng_state() -> dict:
@@ -67,7 +68,10 @@ class TrainingModule(L.LightningModule):
 
     def configure_optimizers(self):
         c = self.optim_cfg
-        opt = make_adamw(self.trainable_module(), lr=c.lr, weight_decay=c.weight_decay, betas=c.betas, eps=c.eps)
+        opt = make_adamw(
+            self.trainable_module(), lr=c.lr, weight_decay=c.weight_decay, betas=c.betas, eps=c.eps,
+            gate_lr_mult=c.gate_lr_mult,
+        )
         sched = warmup_cosine_schedule(
             opt, warmup_steps=c.warmup_steps, max_steps=c.max_steps, min_lr_ratio=c.min_lr_ratio
         )

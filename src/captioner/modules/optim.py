@@ -8,16 +8,22 @@ import torch
 from torch import nn
 
 
-def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(module: nn.Module, weight_decay: float, lr: float, gate_lr_mult: float = 1.0) -> list[dict]:
     """Trainable parameters split as in GPT-2/nanoGPT: ≥2-D tensors (matmuls, embeddings) decay; biases and
-    LayerNorm/gate scalars do not. Frozen parameters are left out so AdamW keeps no state for them."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    if not params:
+    LayerNorm scalars do not. Cross-attention gates (`*_gate`, initialised to 0) get their own group whose lr is
+    `gate_lr_mult` × lr: Adam moves a scalar by about lr per step, so with a small lr and few steps the tanh gates
+    stay near 0 and the image barely reaches the LM. Frozen parameters are left out (no AdamW state)."""
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    if not named:
         raise ValueError("no trainable parameters: check the freeze policy (model.trainable)")
-    return [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    gates = [p for n, p in named if n.endswith("_gate")]
+    rest = [(n, p) for n, p in named if not n.endswith("_gate")]
+    groups = [
+        {"params": [p for _, p in rest if p.dim() >= 2], "weight_decay": weight_decay, "lr": lr},
+        {"params": [p for _, p in rest if p.dim() < 2], "weight_decay": 0.0, "lr": lr},
+        {"params": gates, "weight_decay": 0.0, "lr": lr * gate_lr_mult},
     ]
+    return [g for g in groups if g["params"]]
 
 
 def make_adamw(
@@ -27,9 +33,10 @@ def make_adamw(
     weight_decay: float = 0.1,
     betas: tuple[float, float] = (0.9, 0.95),
     eps: float = 1e-8,
+    gate_lr_mult: float = 1.0,
 ) -> torch.optim.AdamW:
     """AdamW, fused when every parameter lives on a CUDA device (one kernel for the whole update)."""
-    groups = param_groups(module, weight_decay)
+    groups = param_groups(module, weight_decay, lr, gate_lr_mult)
     fused = all(p.is_cuda for g in groups for p in g["params"])
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused)
 

@@ -1,0 +1,292 @@
+"""GPU readiness check: one short run (about 3 minutes on an H100; --quick about half) that says whether this
+machine trains the project at full speed. No internet, no extra packages: random weights, generated data.
+
+    python scripts/gpu_check.py                  # on the GPU machine
+    python scripts/gpu_check.py --quick          # GPT-2 micro-batch 8 only, fewer caption iterations
+    python scripts/gpu_check.py --quick --device cpu   # CUDA-only checks say "skipped (no CUDA)"
+
+Checks, most important first; each prints its own details, a failure prints its traceback and the next check
+runs; a summary table closes the run (exit status 1 if any check failed):
+  environment        torch / CUDA / cuDNN versions, device name, memory
+  bf16               bf16 supported, and a bf16 matmul agrees with fp32
+  flash attention    F.scaled_dot_product_attention runs our CausalSelfAttention (GPT-2 124M shapes, bf16
+                     autocast, forward + backward) and the gated cross-attention with the FLASH backend alone,
+                     matching the MATH backend
+  torch.compile      the compiled GPT-2 training forward + backward matches eager (bf16 tolerance)
+  pretrain ...       GPT-2 124M tokens/s and MFU, 8 x 1024 (and 16 x 1024) bf16, eager and compiled, plain loop
+                     and the Lightning path (bench_pretrain.compare_training)
+  caption            feature-cache, training and beam/KV-cache ratios at the real sizes (bench_caption)
+
+Checks that would start after --time-limit seconds (counting their rough cost) are skipped, so the summary is
+printed in time; the order above decides what is dropped first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import bench_caption
+import bench_pretrain
+import torch
+
+from captioner.models.captioner import GatedCrossAttention
+from captioner.models.gpt import GPT, CausalSelfAttention, GPTConfig
+from captioner.tokenizer import N_VOCAB
+
+
+class Skip(Exception):
+    """A check that does not apply here; its message says why."""
+
+
+@dataclass
+class Check:
+    name: str
+    run: Callable[[], str]  # returns a one-line result for the summary
+    cost_s: float  # rough duration on an H100, for --time-limit
+
+
+def need_cuda(device: torch.device) -> None:
+    if device.type != "cuda":
+        raise Skip("no CUDA")
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in fp32."""
+    a, b = a.float(), b.float()
+    return float((a - b).norm() / b.norm().clamp(min=1e-12))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# checks
+
+
+def check_environment(device: torch.device) -> str:
+    import lightning
+    import transformers
+
+    print(f"python {platform.python_version()} | torch {torch.__version__} | lightning {lightning.__version__} | "
+          f"transformers {transformers.__version__}")  # fmt: skip
+    if device.type != "cuda":
+        print(f"CUDA available: {torch.cuda.is_available()}; running on {device}")
+        return f"torch {torch.__version__}, no CUDA ({device})"
+    props = torch.cuda.get_device_properties(device)
+    print(f"CUDA runtime {torch.version.cuda} | cuDNN {torch.backends.cudnn.version()} | "
+          f"{torch.cuda.device_count()} GPU(s)")  # fmt: skip
+    print(f"device {props.name} | compute capability {props.major}.{props.minor} | "
+          f"{props.total_memory / 2**30:.1f} GiB | {props.multi_processor_count} SMs")  # fmt: skip
+    return f"torch {torch.__version__}, CUDA {torch.version.cuda}, {props.name}"
+
+
+def check_bf16(device: torch.device) -> str:
+    need_cuda(device)
+    supported = torch.cuda.is_bf16_supported()
+    print(f"torch.cuda.is_bf16_supported(): {supported}")
+    if not supported:
+        raise AssertionError("bf16 is not supported on this GPU: bf16-mixed training will not work")
+    a, b = torch.randn(1024, 1024, device=device), torch.randn(1024, 1024, device=device)
+    err = rel_error(a.bfloat16() @ b.bfloat16(), a @ b)
+    print(f"bf16 matmul vs fp32: relative error {err:.2e}")
+    if err > 1e-2:
+        raise AssertionError(f"bf16 matmul relative error {err:.2e} > 1e-2")
+    return f"supported, matmul rel err {err:.1e}"
+
+
+def _attention_backends(module, inputs: tuple, device: torch.device) -> tuple[float, float]:
+    """Run module(*inputs) forward + backward under bf16 autocast with only FLASH, then only MATH; returns the
+    relative errors of the output and of the input gradient."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    outs, grads = [], []
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH):
+        leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+        with sdpa_kernel(backend), torch.autocast(device.type, dtype=torch.bfloat16):
+            y = module(*leaves)  # (B, T, C)
+        y.float().square().mean().backward()
+        outs.append(y.detach())
+        grads.append(leaves[0].grad)
+    return rel_error(outs[0], outs[1]), rel_error(grads[0], grads[1])
+
+
+def check_flash(device: torch.device) -> str:
+    """With only the FLASH backend allowed, SDPA raises "No available kernel" rather than falling back, so running
+    at all proves flash serves these shapes."""
+    need_cuda(device)
+    torch.manual_seed(0)
+    cfg = GPTConfig.named("gpt2_124m")
+    attn = CausalSelfAttention(cfg.n_embd, cfg.n_head).to(
+        device
+    )  # fp32 weights, bf16 autocast: as in training
+    x = torch.randn(8, cfg.block_size, cfg.n_embd, device=device)  # (B, T, C)
+    out_err, grad_err = _attention_backends(attn, (x,), device)
+    hs = cfg.n_embd // cfg.n_head
+    print(f"causal self-attention (8, {cfg.n_head}, {cfg.block_size}, {hs}) flash vs math: output rel err {out_err:.2e}, "
+          f"grad rel err {grad_err:.2e}")  # fmt: skip
+
+    xattn = GatedCrossAttention(cfg.n_embd, cfg.n_head).to(device)
+    with torch.no_grad():  # open the gates, or the attention's output would not reach y
+        xattn.attn_gate.fill_(1.0)
+        xattn.ff_gate.fill_(1.0)
+    text = torch.randn(32, 24, cfg.n_embd, device=device)  # (B, T, C) caption tokens
+    image = torch.randn(32, 50, cfg.n_embd, device=device)  # (B, N, C) ViT-B/32 tokens
+    # compare the layer's contribution: the residual stream it adds to would hide any difference
+    x_out, x_grad = _attention_backends(lambda t, i: xattn(t, i) - t, (text, image), device)
+    print(f"gated cross-attention (32, {cfg.n_head}, 24 x 50, {hs}) flash vs math: output rel err {x_out:.2e}, "
+          f"grad rel err {x_grad:.2e}")  # fmt: skip
+    # bf16 rounding of the outputs is ~4e-3; the gradients go through one more bf16 product
+    if max(out_err, x_out) > 2e-2 or max(grad_err, x_grad) > 5e-2:
+        raise AssertionError(f"flash and math attention differ: outputs {out_err:.2e}/{x_out:.2e} (limit 2e-2), "
+                             f"gradients {grad_err:.2e}/{x_grad:.2e} (limit 5e-2)")  # fmt: skip
+    worst = max(out_err, grad_err, x_out, x_grad)
+    return f"flash runs self + cross attention, max rel err vs math {worst:.1e}"
+
+
+def check_compile(device: torch.device, batch: int) -> str:
+    need_cuda(device)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.named("gpt2_124m")).to(device)
+    T = model.config.block_size
+    x = torch.randint(0, N_VOCAB, (batch, T), device=device)  # (B, T)
+    y = torch.randint(0, N_VOCAB, (batch, T), device=device)  # (B, T)
+
+    def loss_and_grads(forward):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            _, loss = forward(x, y)
+        loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+        return float(loss.detach()), grads
+
+    eager_loss, eager_grads = loss_and_grads(model)
+    start = bench_pretrain.clock(device)
+    compiled_loss, compiled_grads = loss_and_grads(torch.compile(model))
+    compile_s = bench_pretrain.clock(device) - start
+    grad_err = rel_error(compiled_grads, eager_grads)
+    print(f"GPT-2 124M, ({batch}, {T}), bf16 autocast: eager loss {eager_loss:.5f}, compiled {compiled_loss:.5f}; "
+          f"gradient rel err {grad_err:.2e}; first compiled step {compile_s:.1f} s")  # fmt: skip
+    if abs(eager_loss - compiled_loss) > 2e-2 or grad_err > 5e-2:
+        raise AssertionError(
+            f"compiled differs from eager: loss {compiled_loss} vs {eager_loss}, gradient rel err {grad_err:.2e}"
+        )
+    return f"loss diff {abs(eager_loss - compiled_loss):.1e}, grad rel err {grad_err:.1e}, compile {compile_s:.0f} s"
+
+
+def check_pretrain(device: torch.device, setup: bench_pretrain.TrainSetup) -> str:
+    if setup.compile:
+        need_cuda(device)  # inductor on CPU needs a C++ toolchain and minutes; not what this check is for
+    print(f"{setup.model}, micro-batch {setup.micro_batch} x {setup.seq_len} x accum {setup.accum}, {setup.precision}, "
+          f"{setup.steps} timed steps after {setup.warmup}")  # fmt: skip
+    results = bench_pretrain.compare_training(setup, device, repeats=1)
+    print(bench_pretrain.format_training(results))
+    plain, lightning = results["plain"], results["lightning"]
+    mfu = f", MFU {100 * plain.mfu:.0f}%/{100 * lightning.mfu:.0f}%" if plain.mfu and lightning.mfu else ""
+    return (
+        f"plain {plain.tokens_per_sec:,.0f} tok/s, lightning {lightning.tokens_per_sec:,.0f} tok/s "
+        f"(x{lightning.tokens_per_sec / plain.tokens_per_sec:.2f}){mfu}"
+    )
+
+
+def check_caption(device: torch.device, settings: bench_caption.Settings) -> str:
+    print(f"batch {settings.batch}, {settings.images} JPEGs, {settings.iters} timed after {settings.warmup}, "
+          f"{settings.precision}, (b) loader workers {settings.num_workers}")  # fmt: skip
+    result = bench_caption.run(["real"], settings, device)[0]
+    print(bench_caption.format_size(result, settings))
+    r = bench_caption.ratios(result)
+    decode = ", ".join(f"{v:.1f}x @{k.split('@')[1]}" for k, v in r.items() if k.startswith("decode_kv_x"))
+    return (
+        f"feature cache {r['vision_cache_x']:.0f}x vision, {r['train_cache_x']:.2f}x train step; "
+        f"KV cache {decode}"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the run
+
+
+def plan(device: torch.device, quick: bool) -> list[Check]:
+    cuda = device.type == "cuda"
+    checks = [
+        Check("environment", lambda: check_environment(device), 1),
+        Check("bf16", lambda: check_bf16(device), 2),
+        Check("flash attention", lambda: check_flash(device), 5),
+        Check("torch.compile vs eager", lambda: check_compile(device, batch=8), 60),
+    ]
+    if cuda:
+        shapes = dict(model="gpt2_124m", seq_len=1024, accum=2, steps=10, warmup=3, precision="bf16-mixed")
+    else:  # a stand-in that exercises the same code on a CPU in seconds
+        shapes = dict(model="tiny", seq_len=64, accum=2, steps=3, warmup=1, precision="32-true")
+    batches = (8,) if quick or not cuda else (8, 16)
+    if cuda:
+        caption = bench_caption.Settings(**bench_caption.GPU_DEFAULTS, precision="bf16-mixed")
+        caption.decode_repeats = 2
+        caption.iters, caption.decode_batches = (6, (32,)) if quick else (10, (32, 128))
+    else:
+        caption = bench_caption.Settings(batch=4, images=8, warmup=1, iters=2, decode_batches=(1,))
+    for i, batch in enumerate(batches):
+        for compiled in (False, True):
+            setup = bench_pretrain.TrainSetup(micro_batch=batch if cuda else 2, compile=compiled, **shapes)
+            name = f"pretrain {setup.model} {setup.micro_batch}x{setup.seq_len} {'compiled' if compiled else 'eager'}"
+            checks.append(
+                Check(name, lambda setup=setup: check_pretrain(device, setup), 70 if compiled else 15)
+            )
+        if i == 0:  # the caption ratios matter more than the second micro-batch size
+            checks.append(Check("caption (real sizes)", lambda: check_caption(device, caption), 40))
+    return checks
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--device", default=bench_pretrain.default_device(), help="cuda (default when available) or cpu"
+    )
+    p.add_argument("--quick", action="store_true", help="micro-batch 8 only, fewer caption iterations")
+    p.add_argument(
+        "--time-limit", type=float, default=180, help="skip checks that would end later (s; 0: never)"
+    )
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    bench_pretrain.quiet_lightning()
+    bench_pretrain.setup_backend(device)
+    bench_pretrain.set_cpu_threads(device, None)
+    # One static shape per compiled model, as in a training run (which never sees a second micro-batch size)
+    torch._dynamo.config.automatic_dynamic_shapes = False
+    print(f"gpu_check {'--quick ' if args.quick else ''}on {device}")
+
+    start = time.perf_counter()
+    summary = []
+    for check in plan(device, args.quick):
+        elapsed = time.perf_counter() - start
+        print(f"\n=== {check.name} ===", flush=True)
+        if args.time_limit and elapsed + check.cost_s > args.time_limit:
+            status, result, seconds = (
+                "skipped",
+                f"time limit ({elapsed:.0f} s used of {args.time_limit:.0f})",
+                0.0,
+            )
+        else:
+            t0 = time.perf_counter()
+            try:
+                status, result = "ok", check.run()
+            except Skip as why:
+                status, result = "skipped", str(why)
+            except Exception as err:  # every check reports and the run goes on
+                traceback.print_exc(file=sys.stdout)
+                status, result = "FAIL", f"{type(err).__name__}: {err}".splitlines()[0][:100]
+            seconds = time.perf_counter() - t0
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        print(f"--> {status}: {result}" if status != "skipped" else f"--> skipped ({result})", flush=True)
+        summary.append([check.name, status, result, f"{seconds:.0f}"])
+
+    print(f"\n=== summary ({time.perf_counter() - start:.0f} s) ===")
+    print(bench_pretrain.table(["check", "status", "result", "s"], summary, left=3))
+    return 1 if any(row[1] == "FAIL" for row in summary) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
