@@ -67,7 +67,7 @@ class PretrainModule(TrainingModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch  # (B, T) int64 each
-        forward = self._compiled or self.model
+        forward = self._compiled if self._compiled is not None else self.model
         _, loss = forward(x, y)
         self.accumulate_loss(loss)
         return loss
