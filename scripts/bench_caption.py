@@ -52,6 +52,7 @@ from captioner.models.captioner import Captioner
 from captioner.models.gpt import GPT, GPTConfig
 from captioner.models.vision import VisionEncoder
 from captioner.modules.optim import make_adamw
+from captioner.tokenizer import EOT
 
 REPO = Path(__file__).resolve().parents[1]
 SPLIT = "bench"
@@ -222,6 +223,11 @@ def time_decoding(
 ):
     """Beam-3 captions of `features` (B, N, D). Returns (seconds per run, captions of the last run)."""
     model.eval()
+    # A random LM with tied embeddings predicts its own input token, so after the [EOT] prompt it would stop at
+    # once (0 tokens measured). Zeroing EOT's embedding row keeps its logit at 0, below the top candidates, so
+    # every beam decodes all max_new_tokens steps and both paths do the same, full amount of work.
+    with torch.no_grad():
+        model.lm.transformer.wte.weight[EOT].zero_()
     generate = dict(method="beam", num_beams=3, max_new_tokens=max_new_tokens, use_cache=use_cache)
     seconds = []
     with autocast(device, precision):

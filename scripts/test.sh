@@ -6,4 +6,5 @@ source "$ROOT/scripts/setup.sh"
 cd "$ROOT"
 export HF_HUB_OFFLINE=1 WANDB_MODE=disabled
 "$VENV/bin/ruff" check src tests scripts
+"$VENV/bin/ruff" format --check src tests scripts
 "$VENV/bin/python" -m pytest "$@"

@@ -1,3 +1,4 @@
+import itertools
 import math
 
 import pytest
@@ -19,7 +20,9 @@ def test_schedule_matches_build_nanogpt_get_lr():
         return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (max_lr - min_lr)
 
     for it in [0, 1, 100, 714, 715, 716, 5000, 10000, 19072, 19073, 25000]:
-        assert max_lr * warmup_cosine(it, warmup_steps=warmup, max_steps=max_steps) == pytest.approx(get_lr(it))
+        assert max_lr * warmup_cosine(it, warmup_steps=warmup, max_steps=max_steps) == pytest.approx(
+            get_lr(it)
+        )
 
 
 def test_scheduler_steps_per_optimizer_step():
@@ -34,7 +37,7 @@ def test_scheduler_steps_per_optimizer_step():
         cfg["scheduler"].step()
     assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
     assert lrs[10] == pytest.approx(0.1) and lrs[11] == pytest.approx(0.1)
-    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))
+    assert all(a >= b for a, b in itertools.pairwise(lrs[3:]))
 
 
 def test_decay_only_on_matrices_and_frozen_params_excluded():

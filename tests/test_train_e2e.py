@@ -20,8 +20,9 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def shapes_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("data") / "shapes"
-    prepare_shapes(out, seed=0, train_tokens=60_000, val_tokens=8_000, n_train_images=48, n_val_images=8,
-                   n_hellaswag=24)
+    prepare_shapes(
+        out, seed=0, train_tokens=60_000, val_tokens=8_000, n_train_images=48, n_val_images=8, n_hellaswag=24
+    )
     return out.parent
 
 
@@ -58,8 +59,15 @@ def test_pretrain_fit_writes_checkpoint_metrics_plots(pretrain_run):
     assert ckpt["global_step"] == 4
     assert "rng_state" in ckpt and any("TokenShardDataModule" in k for k in ckpt)
     metrics = read_metrics(run / "metrics.csv")
-    for key in ("train/loss", "train/lr", "train/grad_norm", "val/loss", "val/hellaswag_acc",
-                "val/hellaswag_acc_norm", "train/tokens_per_sec"):
+    for key in (
+        "train/loss",
+        "train/lr",
+        "train/grad_norm",
+        "val/loss",
+        "val/hellaswag_acc",
+        "val/hellaswag_acc_norm",
+        "train/tokens_per_sec",
+    ):
         assert key in metrics, key
     assert [s for s, _ in metrics["train/loss"]] == [0, 1, 2, 3]
     assert (run / "plots" / "loss.png").stat().st_size > 0
@@ -72,8 +80,13 @@ def test_resume_gives_identical_losses(shapes_dir, tmp_path):
     train(compose_run("demo_pretrain", full, *pretrain_overrides(shapes_dir, 6)))
     train(compose_run("demo_pretrain", half, *pretrain_overrides(shapes_dir, 3, "ckpt_every_n_steps=3")))
     resumed = tmp_path / "resumed"
-    train(compose_run("demo_pretrain", resumed, *pretrain_overrides(
-        shapes_dir, 6, f"ckpt_path={half / 'checkpoints' / 'last.ckpt'}")))
+    train(
+        compose_run(
+            "demo_pretrain",
+            resumed,
+            *pretrain_overrides(shapes_dir, 6, f"ckpt_path={half / 'checkpoints' / 'last.ckpt'}"),
+        )
+    )
     a = dict(read_metrics(full / "metrics.csv")["train/loss"])
     b = dict(read_metrics(resumed / "metrics.csv")["train/loss"])
     assert sorted(b) == [3, 4, 5]
@@ -88,8 +101,17 @@ def test_two_process_ddp_matches_single_process(shapes_dir, tmp_path):
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     train(compose_run("demo_pretrain", single, *pretrain_overrides(shapes_dir, 3)))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "captioner.cli.train", "experiment=demo_pretrain", f"hydra.run.dir={ddp}",
-           "logger=none", "trainer.devices=2", "trainer.strategy=ddp", *pretrain_overrides(shapes_dir, 3)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "captioner.cli.train",
+        "experiment=demo_pretrain",
+        f"hydra.run.dir={ddp}",
+        "logger=none",
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+        *pretrain_overrides(shapes_dir, 3),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = read_metrics(single / "metrics.csv"), read_metrics(ddp / "metrics.csv")
@@ -131,7 +153,9 @@ def test_caption_fit_writes_checkpoint_metrics_plots_gallery(caption_run, pretra
     assert ckpt["global_step"] == 3 and "rng_state" in ckpt
     # The LM came from the stage-1 checkpoint: its (frozen? no: demo trains no LM) weights are carried over.
     lm = torch.load(pretrain_run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-    assert torch.equal(ckpt["state_dict"]["model.lm.transformer.wte.weight"], lm["model.transformer.wte.weight"])
+    assert torch.equal(
+        ckpt["state_dict"]["model.lm.transformer.wte.weight"], lm["model.transformer.wte.weight"]
+    )
     metrics = read_metrics(run / "metrics.csv")
     for key in ("train/loss", "val/loss", "val/bleu4", "val/rouge_l", "val/cider", "val/object_acc"):
         assert key in metrics, key
@@ -145,8 +169,21 @@ def test_caption_cli_on_files_and_folder(caption_run, shapes_dir, capsys):
 
     val_dir = shapes_dir / "shapes" / "images" / "val"
     files = sorted(val_dir.iterdir())
-    assert main(["--ckpt", str(caption_run / "checkpoints" / "last.ckpt"), "--beams", "2",
-                 "--max-new-tokens", "6", str(files[0]), str(val_dir)]) == 0
+    assert (
+        main(
+            [
+                "--ckpt",
+                str(caption_run / "checkpoints" / "last.ckpt"),
+                "--beams",
+                "2",
+                "--max-new-tokens",
+                "6",
+                str(files[0]),
+                str(val_dir),
+            ]
+        )
+        == 0
+    )
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1 + len(files)
     assert all(line.split("\t")[0].endswith(".png") for line in lines)

@@ -46,10 +46,11 @@ def gpt2_encoding() -> tiktoken.Encoding:
     path = bpe_path()
     if path.exists():
         if (digest := _sha256(path)) != BPE_SHA256:
-            raise RuntimeError(f"{path}: sha256 {digest} is not GPT-2's ({BPE_SHA256}); delete it and re-fetch")
+            raise RuntimeError(
+                f"{path}: sha256 {digest} is not GPT-2's ({BPE_SHA256}); delete it and re-fetch"
+            )
         ranks = load_tiktoken_bpe(str(path), expected_hash=BPE_SHA256)
-        # Named "gpt2" so pickling (DataLoader workers) round-trips through the registry when it is online,
-        # and explicit args otherwise (tiktoken pickles unregistered encodings by value).
+        # Not a registered name, so tiktoken pickles it by value: DataLoader workers need no network either.
         return tiktoken.Encoding(
             name="gpt2_local",
             pat_str=R50K_PATTERN,

@@ -122,9 +122,10 @@ def write_gallery(
 
 
 class CaptionGalleryCallback(pl.Callback):
-    """Write <default_root_dir>/`filename` from `pl_module.gallery_items` at the end of fit (rank zero).
+    """Write <default_root_dir>/`filename` from `pl_module.gallery_items` after every validation and at the end
+    of fit (rank zero), so the gallery always shows the latest captions, including a final `trainer.validate`.
 
-    A failure is logged as a warning rather than raised: the checkpoints and metrics of the run matter more.
+        A failure is logged as a warning rather than raised: the checkpoints and metrics of the run matter more.
     """
 
     def __init__(self, filename: str = "gallery.html", max_items: int = 50):
@@ -133,6 +134,10 @@ class CaptionGalleryCallback(pl.Callback):
             raise ValueError(f"max_items must be >= 1, got {max_items}")
         self.filename = filename
         self.max_items = max_items
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking and getattr(pl_module, "gallery_items", None):
+            self.on_fit_end(trainer, pl_module)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:

@@ -35,9 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import torch
-    from PIL import Image
 
-    from captioner.data.coco import clip_transform
+    from captioner.data.coco import clip_transform, load_image
     from captioner.modules.caption import CaptionModule
     from captioner.tokenizer import EOT, gpt2_encoding
 
@@ -58,12 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     for start in range(0, len(paths), args.batch_size):
         chunk, pixels = [], []
         for path in paths[start : start + args.batch_size]:
-            try:
-                with Image.open(path) as img:
-                    pixels.append(transform(img.convert("RGB")))
-                chunk.append(path)
-            except (OSError, Image.DecompressionBombError) as err:
-                print(f"captioner-caption: skipping {path}: {err}", file=sys.stderr)
+            image = load_image(path)  # None: unreadable, truncated or a decompression bomb
+            if image is None:
+                print(f"captioner-caption: skipping unreadable image {path}", file=sys.stderr)
+                continue
+            pixels.append(transform(image))
+            chunk.append(path)
         if not chunk:
             continue
         with torch.no_grad():

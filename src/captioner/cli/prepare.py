@@ -23,8 +23,11 @@ def _fineweb(args) -> None:
 
 
 def _coco(args) -> None:
+    import torch
+
     from captioner.data.coco import prepare_coco
 
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     prepare_coco(
         args.root,
         source=args.source,
@@ -35,7 +38,9 @@ def _coco(args) -> None:
         batch_size=args.batch_size,
         num_workers=args.num_workers,
     )
-    print(f"COCO ready in {args.root}" + (f" (CLIP features in {args.root}/features)" if args.features else ""))
+    print(
+        f"COCO ready in {args.root}" + (f" (CLIP features in {args.root}/features)" if args.features else "")
+    )
 
 
 def _hellaswag(args) -> None:
@@ -75,11 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("coco", help="download/verify/extract COCO 2017; optionally cache CLIP features")
     p.add_argument("--root", default="data/coco")
-    p.add_argument("--source", default=None, help="an existing COCO copy (zips or extracted) instead of downloading")
+    p.add_argument(
+        "--source", default=None, help="an existing COCO copy (zips or extracted) instead of downloading"
+    )
     p.add_argument("--features", action="store_true", help="also compute the CLIP feature cache")
     p.add_argument("--clip", default="openai/clip-vit-base-patch32")
     p.add_argument("--splits", nargs="+", default=["train2017", "val2017"])
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--device", default=None, help="for --features: cuda | cpu (default: cuda when available)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--num-workers", type=int, default=8)
     p.set_defaults(func=_coco)
@@ -99,17 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (FileNotFoundError, ValueError) as err:
+    except (OSError, ValueError) as err:  # missing files, failed downloads, bad data: a message, not a trace
         print(f"captioner-prepare {args.command}: {err}", file=sys.stderr)
         return 2
     return 0

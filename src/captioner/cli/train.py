@@ -8,6 +8,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("captioner.train")
@@ -36,17 +37,10 @@ def derive_step_settings(trainer: L.Trainer, datamodule, cfg: DictConfig) -> Non
     trainer.val_check_interval = cfg.val_every_n_steps * trainer.accumulate_grad_batches
 
 
-def log_parameter_counts(module: L.LightningModule) -> None:
-    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    frozen = sum(p.numel() for p in module.parameters() if not p.requires_grad)
-    log.info("parameters: %s trainable, %s frozen", f"{trainable:,}", f"{frozen:,}")
-    for logger in module.loggers:
-        logger.log_hyperparams({"params/trainable": trainable, "params/frozen": frozen})
-
-
 def train(cfg: DictConfig) -> dict:
     """Fit (and finally validate) the configured module; returns the last logged metrics."""
     L.seed_everything(cfg.seed, workers=True)
+    torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere+ for whatever runs outside autocast
     run_dir = Path(cfg.paths.run_dir)
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
     module = hydra.utils.instantiate(cfg.model, _convert_="all")
@@ -60,9 +54,16 @@ def train(cfg: DictConfig) -> dict:
     )
     derive_step_settings(trainer, datamodule, cfg)
     log.info(
-        "run dir %s | world size %d | accumulation %d", run_dir, trainer.world_size, trainer.accumulate_grad_batches
+        "run dir %s | world size %d | accumulation %d",
+        run_dir,
+        trainer.world_size,
+        trainer.accumulate_grad_batches,
     )
-    log_parameter_counts(module)
+    if not cfg.ckpt_path and hasattr(module, "load_pretrained"):
+        module.load_pretrained()  # fresh run: stage-1 LM / CLIP weights (a resumed run restores its own)
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in module.parameters() if not p.requires_grad)
+    log.info("parameters: %s trainable, %s frozen", f"{trainable:,}", f"{frozen:,}")
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     if cfg.validate_at_end and trainer.global_step % cfg.val_every_n_steps != 0:
         trainer.validate(module, datamodule=datamodule, verbose=False)
@@ -73,8 +74,6 @@ def train(cfg: DictConfig) -> dict:
 
 
 def _truncate_metrics_after_checkpoint(loggers: list, ckpt_path: str) -> None:
-    import torch
-
     from captioner.loggers import ResumableCSVLogger
 
     step = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)["global_step"]

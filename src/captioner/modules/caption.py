@@ -37,8 +37,13 @@ def resolve_lm(lm: dict) -> dict:
 
             hf = GPT2Config.from_pretrained(lm["hf"])
             lm["config"] = dataclasses.asdict(
-                GPTConfig(block_size=hf.n_positions, vocab_size=hf.vocab_size, n_layer=hf.n_layer,
-                          n_head=hf.n_head, n_embd=hf.n_embd)
+                GPTConfig(
+                    block_size=hf.n_positions,
+                    vocab_size=hf.vocab_size,
+                    n_layer=hf.n_layer,
+                    n_head=hf.n_head,
+                    n_embd=hf.n_embd,
+                )
             )
         else:
             lm["config"] = dataclasses.asdict(resolve_gpt_config(lm.get("config") or "tiny"))
@@ -87,13 +92,13 @@ class CaptionModule(TrainingModule):
             }
         )
         config = GPTConfig(**lm["config"])
-        # Random init here; pretrained weights are copied in at fit start (not on resume, not when captioning).
+        # Random init here: `load_pretrained()` copies the pretrained weights in, which captioner-train does for a
+        # fresh run only (a resumed run restores everything from its checkpoint; captioning loads the checkpoint).
         encoder = VisionEncoder(config.n_embd, clip=None, clip_config=vision["clip_config"])
         self.model = Captioner(GPT(config), encoder, cross_every=cross_every)
-        self.counts = self.model.set_trainable(trainable)
+        self.model.set_trainable(trainable)
         self.gallery_items: list[dict] = []
         self.gallery_summary: dict = {}
-        self._val_outputs: list = []
 
     def trainable_module(self) -> torch.nn.Module:
         return self.model
@@ -122,10 +127,30 @@ class CaptionModule(TrainingModule):
             self.model.vision.clip.load_state_dict(clip.state_dict())
             log.info("CLIP loaded from %s", vision_cfg["clip"])
 
-    def setup(self, stage: str) -> None:
-        if stage == "fit" and self.trainer.ckpt_path is None and not getattr(self, "_pretrained_loaded", False):
-            self.load_pretrained()
-            self._pretrained_loaded = True
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        features_dir = getattr(self.trainer.datamodule, "hparams", {}).get("features_dir")
+        if features_dir:
+            self._check_feature_cache(features_dir)
+
+    def _check_feature_cache(self, features_dir: str) -> None:
+        """Cached CLIP outputs stand in for a frozen CLIP only: refuse a cache that cannot match the model."""
+        if "vision" in self.hparams.trainable:
+            raise ValueError(
+                f"data.features_dir={features_dir} serves precomputed CLIP outputs, but model.trainable includes "
+                "'vision': a trained CLIP needs pixels (set data.features_dir=null or drop 'vision')"
+            )
+        import json
+
+        split = self.trainer.datamodule.hparams.train_split
+        meta_file = Path(features_dir) / f"{split}.json"
+        if meta_file.exists():
+            cached = json.loads(meta_file.read_text()).get("encoder", {}).get("clip")
+            wanted = self.hparams.vision.get("clip")
+            if cached and wanted and cached != wanted:
+                raise ValueError(
+                    f"{meta_file}: features were computed with CLIP {cached!r}, model uses {wanted!r}"
+                )
 
     # --- steps --------------------------------------------------------------------------------------------
     def _forward(self, batch):
@@ -150,17 +175,22 @@ class CaptionModule(TrainingModule):
     def validation_step(self, batch, batch_idx):
         self._count_skipped(batch)
         loss = self._forward(batch)
-        self.log("val/loss", loss, on_epoch=True, sync_dist=True, prog_bar=True, batch_size=len(batch["labels"]))
+        self.log(
+            "val/loss", loss, on_epoch=True, sync_dist=True, prog_bar=True, batch_size=len(batch["labels"])
+        )
 
     def _count_skipped(self, batch) -> None:
         skipped = batch.get("skipped") or []
         if skipped:
             self._skipped = getattr(self, "_skipped", 0) + len(skipped)
-            log.warning("skipped unreadable images: %s (%d so far on rank %d)", skipped, self._skipped,
-                        self.global_rank)
+            log.warning(
+                "skipped unreadable images: %s (%d so far on rank %d)",
+                skipped,
+                self._skipped,
+                self.global_rank,
+            )
 
     # --- generation + metrics -----------------------------------------------------------------------------
-    @torch.no_grad()
     def caption_items(self, items: list[dict], batch_size: int = 32) -> list[str]:
         """Generate captions for data-module items (each with pixel_values or features)."""
         from captioner.tokenizer import EOT, gpt2_encoding
@@ -185,14 +215,22 @@ class CaptionModule(TrainingModule):
         mine = items[self.global_rank :: self.trainer.world_size]
         was_training = self.model.training
         self.model.eval()
-        preds = dict(zip([it["image_id"] for it in mine], self.caption_items(mine), strict=True))
+        with self.eval_context():
+            preds = dict(zip([it["image_id"] for it in mine], self.caption_items(mine), strict=True))
         self.model.train(was_training)
         if self.trainer.world_size > 1:
             gathered = [None] * self.trainer.world_size
             torch.distributed.all_gather_object(gathered, preds)
             preds = {k: v for part in gathered for k, v in part.items()}
-        result = self._score(preds, dm) if self.trainer.is_global_zero else None
+        result = None
+        if self.trainer.is_global_zero:
+            try:
+                result = self._score(preds, dm)
+            except Exception as err:  # re-raised on every rank below, so no rank waits in a collective
+                result = err
         result = self.trainer.strategy.broadcast(result, src=0)
+        if isinstance(result, Exception):
+            raise RuntimeError(f"caption scoring failed on rank 0: {result!r}") from None
         overall, per_image = result
         for key in METRIC_KEYS:
             if overall.get(key) is not None and key in ("bleu4", "meteor", "rouge_l", "cider"):
@@ -218,7 +256,10 @@ class CaptionModule(TrainingModule):
 
     def _keep_gallery(self, preds, per_image, overall, dm) -> None:
         refs = dm.val_references()
-        self.gallery_summary = {"step": self.global_step, **{k: v for k, v in overall.items() if v is not None}}
+        self.gallery_summary = {
+            "step": self.global_step,
+            **{k: v for k, v in overall.items() if v is not None},
+        }
         self.gallery_items = [
             {
                 "image_id": image_id,
@@ -242,5 +283,9 @@ class CaptionModule(TrainingModule):
                     [wandb.Image(it["path"]), it["caption"], " | ".join(it["references"][:3])]
                     for it in self.gallery_items[:8]
                 ]
-                logger.log_table("val/samples", columns=["image", "caption", "references"], data=rows,
-                                 step=self.global_step)
+                logger.log_table(
+                    "val/samples",
+                    columns=["image", "caption", "references"],
+                    data=rows,
+                    step=self.global_step,
+                )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 from dataclasses import dataclass
 
@@ -69,7 +70,11 @@ class TrainingModule(L.LightningModule):
     def configure_optimizers(self):
         c = self.optim_cfg
         opt = make_adamw(
-            self.trainable_module(), lr=c.lr, weight_decay=c.weight_decay, betas=c.betas, eps=c.eps,
+            self.trainable_module(),
+            lr=c.lr,
+            weight_decay=c.weight_decay,
+            betas=c.betas,
+            eps=c.eps,
             gate_lr_mult=c.gate_lr_mult,
         )
         sched = warmup_cosine_schedule(
@@ -89,10 +94,44 @@ class TrainingModule(L.LightningModule):
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         # Log the total norm before clipping, as build-nanogpt prints it; clip only when configured.
-        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         max_norm = float(gradient_clip_val) if gradient_clip_val else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if self._is_fsdp():
+            # Sharded gradients: FSDP's own method reduces the shard norms into the global norm.
+            norm = self.trainer.strategy.model.clip_grad_norm_(max_norm)
+        else:
+            params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         self.log("train/grad_norm", norm, on_step=True)
+
+    def on_fit_start(self) -> None:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad)
+        for logger in self.loggers:
+            logger.log_hyperparams({"params/trainable": trainable, "params/frozen": frozen})
+
+    # --- evaluation outside *_step hooks (HellaSwag, sampling, captioning) --------------------------------------
+    def _is_fsdp(self) -> bool:
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        return self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy)
+
+    @contextlib.contextmanager
+    def eval_context(self):
+        """Evaluation code in epoch-end hooks gets what `validation_step` gets from Lightning: the configured
+        autocast (bf16-mixed) and, under FSDP, the full (unsharded) parameters."""
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.no_grad())
+            if self._trainer is not None:
+                stack.enter_context(self.trainer.precision_plugin.forward_context())
+                if self._is_fsdp():
+                    from torch.distributed.fsdp import FullyShardedDataParallel
+
+                    stack.enter_context(
+                        FullyShardedDataParallel.summon_full_params(
+                            self.trainer.strategy.model, writeback=False
+                        )
+                    )
+            yield
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["rng_state"] = rng_state()

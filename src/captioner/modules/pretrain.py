@@ -50,7 +50,7 @@ class PretrainModule(TrainingModule):
             }
         )
         self.model = GPT(config)
-        self.compile = compile
+        self.compile_model = compile
         self._compiled = None  # not a submodule: keeps state-dict keys free of `_orig_mod`
         self._hellaswag_examples = None
 
@@ -61,7 +61,7 @@ class PretrainModule(TrainingModule):
         return self.model.flops_per_token()
 
     def configure_model(self) -> None:
-        if self.compile and self._compiled is None:
+        if self.compile_model and self._compiled is None:
             # Only the training forward is compiled: fixed (B, T) shapes; evaluation and sampling stay eager.
             object.__setattr__(self, "_compiled", torch.compile(self.model))
 
@@ -80,8 +80,9 @@ class PretrainModule(TrainingModule):
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
             return
-        self._run_hellaswag()
-        self._write_samples()
+        with self.eval_context():
+            self._run_hellaswag()
+            self._write_samples()
 
     # --- evaluation helpers -------------------------------------------------------------------------------
     def _run_hellaswag(self) -> None:
