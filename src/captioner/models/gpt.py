@@ -53,8 +53,8 @@ NAMED_CONFIGS: dict[str, dict[str, int]] = {
     "gpt2_124m": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304),
     # OpenAI's GPT-2 small exactly (HF weights have 50257 rows)
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257),
-    # CPU-sized shapes for the demo and the tests
-    "demo": dict(n_layer=6, n_head=4, n_embd=64, block_size=128, vocab_size=50304),  # CPU demo: the 50,304-row head dominates, so narrow
+    # CPU-sized shapes for the demo and the tests (the 50,304-row head dominates CPU time: narrow beats shallow)
+    "demo": dict(n_layer=6, n_head=4, n_embd=64, block_size=128, vocab_size=50304),
     "tiny": dict(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=50304),
 }
 
