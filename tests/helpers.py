@@ -9,6 +9,16 @@ from hydra import compose, initialize_config_dir
 
 from captioner.cli.train import CONFIG_DIR
 
+# A CLIP small enough for unit tests: 64 px, 16 px patches → 16 patches + CLS = 17 tokens of width 32.
+TINY_CLIP = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=64,
+    image_size=64,
+    patch_size=16,
+)
+
 
 def compose_run(experiment: str, run_dir: Path, *overrides: str):
     """A composed root config for an in-process `train(cfg)` with its run dir pinned (no Hydra job context)."""

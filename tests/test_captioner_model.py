@@ -7,14 +7,7 @@ from captioner.models.captioner import Captioner, GatedCrossAttention
 from captioner.models.gpt import GPT, GPTConfig
 from captioner.models.vision import VisionEncoder
 
-TINY_CLIP = dict(
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    intermediate_size=64,
-    image_size=64,
-    patch_size=16,
-)
+from .helpers import TINY_CLIP
 
 
 def make_captioner(cross_every: int = 1, **kwargs) -> Captioner:
