@@ -45,8 +45,13 @@ def resolve_lm(lm: dict) -> dict:
                     n_embd=hf.n_embd,
                 )
             )
+        elif lm.get("config"):
+            lm["config"] = dataclasses.asdict(resolve_gpt_config(lm["config"]))
         else:
-            lm["config"] = dataclasses.asdict(resolve_gpt_config(lm.get("config") or "tiny"))
+            raise ValueError(
+                "model.lm: no language model given: set model.lm.ckpt=<stage-1 last.ckpt>, model.lm.hf=gpt2 "
+                "(or a local HF dir), or model.lm.config=<GPTConfig name> for a randomly initialised LM"
+            )
     return lm
 
 
@@ -58,7 +63,13 @@ def resolve_vision(vision: dict) -> dict:
             raise ValueError("model.vision: set clip (hub name or local dir) or clip_config (random CLIP)")
         from transformers import CLIPVisionConfig
 
-        vision["clip_config"] = CLIPVisionConfig.from_pretrained(vision["clip"]).to_dict()
+        try:
+            vision["clip_config"] = CLIPVisionConfig.from_pretrained(vision["clip"]).to_dict()
+        except OSError as err:
+            raise OSError(
+                f"model.vision.clip={vision['clip']!r}: CLIP config not found locally or on the hub ({err}); "
+                "point it at a local save_pretrained directory, or set model.vision.clip_config for a random CLIP"
+            ) from err
     return vision
 
 
