@@ -36,8 +36,8 @@ from bench_pretrain import (
     autocast,
     clock,
     default_device,
-    default_precision,
     device_name,
+    fill_defaults,
     set_cpu_threads,
     setup_backend,
     table,
@@ -382,13 +382,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--threads", type=int, help="torch CPU threads (default: 1 on CPU, torch's choice with CUDA)"
     )
     p.add_argument("--precision", choices=PRECISIONS, help="default: bf16-mixed on CUDA, 32-true on CPU")
-    args = p.parse_args(argv)
-    device = torch.device(args.device)
-    defaults = CPU_DEFAULTS if args.quick or device.type != "cuda" else GPU_DEFAULTS
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    args.precision = args.precision or default_precision(device)
+    args = fill_defaults(p.parse_args(argv), CPU_DEFAULTS, GPU_DEFAULTS)
     args.sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     if isinstance(args.decode_batches, str):
         args.decode_batches = tuple(int(b) for b in args.decode_batches.split(","))

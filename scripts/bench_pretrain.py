@@ -418,10 +418,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--hellaswag", type=int, help="shapes HellaSwag examples to score (GPU: 256, CPU: 64; 0 skips)"
     )
-    args = p.parse_args(argv)
+    return fill_defaults(p.parse_args(argv), CPU_DEFAULTS, GPU_DEFAULTS)
+
+
+def fill_defaults(args: argparse.Namespace, cpu: dict, gpu: dict) -> argparse.Namespace:
+    """Unset options take the CPU (or --quick) or GPU defaults of the device, precision included."""
     device = torch.device(args.device)
-    defaults = CPU_DEFAULTS if args.quick or device.type != "cuda" else GPU_DEFAULTS
-    for key, value in defaults.items():
+    for key, value in (cpu if args.quick or device.type != "cuda" else gpu).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.precision = args.precision or default_precision(device)
