@@ -233,10 +233,11 @@ class CaptionModule(TrainingModule):
             gathered = [None] * self.trainer.world_size
             torch.distributed.all_gather_object(gathered, preds)
             preds = {k: v for part in gathered for k, v in part.items()}
+        refs = dm.val_references()
         result = None
         if self.trainer.is_global_zero:
             try:
-                result = self._score(preds, dm)
+                result = self._score(preds, refs, dm)
             except Exception as err:  # re-raised on every rank below, so no rank waits in a collective
                 result = err
         result = self.trainer.strategy.broadcast(result, src=0)
@@ -248,12 +249,11 @@ class CaptionModule(TrainingModule):
                 self.log(f"val/{key}", float(overall[key]))
         if overall.get("object_acc") is not None:
             self.log("val/object_acc", float(overall["object_acc"]))
-        self._keep_gallery(preds, per_image, overall, dm)
+        self._keep_gallery(preds, per_image, overall, refs, dm)
 
-    def _score(self, preds: dict[int, str], dm) -> tuple[dict, dict]:
+    def _score(self, preds: dict[int, str], refs: dict[int, list[str]], dm) -> tuple[dict, dict]:
         from captioner.eval.caption_metrics import score_captions
 
-        refs = dm.val_references()
         overall, per_image = score_captions(
             preds, {i: refs[i] for i in preds}, backend=self.hparams.metrics_backend
         )
@@ -265,8 +265,7 @@ class CaptionModule(TrainingModule):
             overall["object_acc"] = object_accuracy(preds, load_scenes(scenes_file))
         return overall, per_image
 
-    def _keep_gallery(self, preds, per_image, overall, dm) -> None:
-        refs = dm.val_references()
+    def _keep_gallery(self, preds, per_image, overall, refs, dm) -> None:
         self.gallery_summary = {
             "step": self.global_step,
             **{k: v for k, v in overall.items() if v is not None},

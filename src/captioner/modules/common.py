@@ -33,7 +33,7 @@ def rng_state() -> dict:
         "torch": torch.get_rng_state(),
         "numpy": np.random.get_state()[1].tolist(),
         "numpy_pos": int(np.random.get_state()[2]),
-        "python": repr(random.getstate()),
+        "python": random.getstate(),  # (version, tuple of ints, gauss): plain data
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -43,15 +43,10 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"], 0, 0.0))
-    random.setstate(_literal_tuple(state["python"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _literal_tuple(text: str):
-    import ast
-
-    return ast.literal_eval(text)
 
 
 class TrainingModule(L.LightningModule):
