@@ -61,9 +61,7 @@ def train(cfg: DictConfig) -> dict:
     )
     if not cfg.ckpt_path and hasattr(module, "load_pretrained"):
         module.load_pretrained()  # fresh run: stage-1 LM / CLIP weights (a resumed run restores its own)
-    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    frozen = sum(p.numel() for p in module.parameters() if not p.requires_grad)
-    log.info("parameters: %s trainable, %s frozen", f"{trainable:,}", f"{frozen:,}")
+    log.info("parameters: {trainable:,} trainable, {frozen:,} frozen".format(**module.parameter_counts()))
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     if cfg.validate_at_end and trainer.global_step % cfg.val_every_n_steps != 0:
         trainer.validate(module, datamodule=datamodule, verbose=False)

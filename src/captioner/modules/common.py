@@ -98,11 +98,14 @@ class TrainingModule(L.LightningModule):
             norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         self.log("train/grad_norm", norm, on_step=True)
 
-    def on_fit_start(self) -> None:
+    def parameter_counts(self) -> dict[str, int]:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad)
+        return {"trainable": trainable, "frozen": sum(p.numel() for p in self.parameters()) - trainable}
+
+    def on_fit_start(self) -> None:
+        counts = self.parameter_counts()
         for logger in self.loggers:
-            logger.log_hyperparams({"params/trainable": trainable, "params/frozen": frozen})
+            logger.log_hyperparams({f"params/{k}": v for k, v in counts.items()})
 
     # --- evaluation outside *_step hooks (HellaSwag, sampling, captioning) --------------------------------------
     def _is_fsdp(self) -> bool:
