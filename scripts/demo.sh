@@ -32,6 +32,8 @@ run_stage() {  # name experiment extra-overrides...
 
 start=$SECONDS
 run_stage pretrain demo_pretrain "${@}"
+# The stand-in for openai/clip-vit-base-patch32 (no hub offline): a tiny CLIP pretrained on the world's images.
+captioner-prepare shapes-clip --images data/shapes/images --out data/shapes/clip
 run_stage caption demo_caption "model.lm.ckpt=$OUT/pretrain/checkpoints/last.ckpt" "${@}"
 
 echo

@@ -104,6 +104,25 @@ def test_loss_ignores_padding():
     assert logits.shape == (2, 12, 97)
 
 
+def test_loss_without_logits_skips_padding_with_the_same_loss_and_gradients():
+    torch.manual_seed(0)
+    model = GPT(small())
+    idx = torch.randint(0, 97, (3, 12))
+    targets = torch.randint(0, 97, (3, 12))
+    targets[1, 5:] = -100
+    targets[2, 9:] = -100
+    _, loss = model(idx, targets)
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    none, loss_only = model(idx, targets, return_logits=False)
+    loss_only.backward()
+    assert none is None
+    torch.testing.assert_close(loss_only, loss)
+    for p, g in zip(model.parameters(), grads):
+        torch.testing.assert_close(p.grad, g)
+
+
 def test_sequence_longer_than_block_size_is_rejected():
     model = GPT(small(block_size=8))
     with pytest.raises(ValueError, match="length 9 exceeds the model's block_size 8"):

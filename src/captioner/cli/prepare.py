@@ -1,4 +1,5 @@
-"""`captioner-prepare {fineweb,coco,hellaswag,shapes}`: download or generate data into the on-disk formats."""
+"""`captioner-prepare {fineweb,coco,hellaswag,shapes,shapes-clip}`: download or generate data into the on-disk
+formats (and, for the shapes world, the stand-in for a pretrained CLIP)."""
 
 from __future__ import annotations
 
@@ -63,6 +64,21 @@ def _shapes(args) -> None:
         print(f"{key}: {path}")
 
 
+def _shapes_clip(args) -> None:
+    import logging
+
+    from captioner.data.shapes_clip import train_shapes_clip
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    report = train_shapes_clip(
+        args.images, args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed
+    )
+    acc = report["val_accuracy"]
+    print(
+        f"stand-in CLIP in {args.out}: val cell accuracy {acc['cell']:.3f}, scene accuracy {acc['scene']:.3f}"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="captioner-prepare", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -103,6 +119,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-images", type=int, default=4000)
     p.add_argument("--val-images", type=int, default=200)
     p.set_defaults(func=_shapes)
+
+    p = sub.add_parser(
+        "shapes-clip",
+        help="pretrain the tiny CLIP the shapes demo uses in place of openai/clip-vit-base-patch32",
+    )
+    p.add_argument("--images", default="data/shapes/images", help="the shapes world's COCO-format images")
+    p.add_argument(
+        "--out", default="data/shapes/clip", help="a save_pretrained directory (model.vision.clip)"
+    )
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_shapes_clip)
     return parser
 
 

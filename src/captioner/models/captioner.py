@@ -114,11 +114,12 @@ class Captioner(nn.Module):
         labels: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         features: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return_logits: bool = True,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """input_ids (B, T); labels (B, T) aligned to input_ids (the next token, -100 on padding).
-        Returns logits (B, T, V) and the caption loss (or None)."""
+        Returns logits (B, T, V) (None with return_logits=False, see GPT.forward) and the caption loss (or None)."""
         context = self.image_context(pixel_values, features)  # (B, N, C)
-        return self.lm(input_ids, labels, context=context)
+        return self.lm(input_ids, labels, context=context, return_logits=return_logits)
 
     # --- freeze policy ------------------------------------------------------------------------------------
     def _part_parameters(self, part: str) -> list[nn.Parameter]:

@@ -211,13 +211,16 @@ class GPT(nn.Module):
         *,
         context: torch.Tensor | None = None,
         cache: KVCache | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return_logits: bool = True,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Next-token logits and, given targets, the mean cross-entropy.
 
         idx (B, T) token ids; targets (B, T) the token after each position, -100 where nothing is to be
         predicted (padding); context (B, N, C) image tokens for the cross-attention layers, if any; cache to
         feed only new tokens (their positions continue from cache.length; the cache is extended).
-        Returns logits (B, T, V) and loss (scalar) or None.
+        return_logits=False (with targets) runs the output layer only where there is a target and returns
+        None for the logits: padded caption batches skip the vocab-wide matmul on their padding (same loss).
+        Returns logits (B, T, V) or None, and loss (scalar) or None.
         """
         T = idx.size(1)  # idx is (B, T)
         start = 0 if cache is None else cache.length
@@ -232,9 +235,12 @@ class GPT(nn.Module):
             if context is not None and str(i) in self.cross:
                 x = self.cross[str(i)](x, context, cache=cache, layer=i)  # (B, T, C)
         x = self.transformer.ln_f(x)  # (B, T, C)
-        logits = self.lm_head(x)  # (B, T, V)
         if cache is not None:
             cache.length += T
+        if targets is not None and not return_logits:
+            keep = targets != -100  # (B, T)
+            return None, F.cross_entropy(self.lm_head(x[keep]), targets[keep])  # (M, V) logits, M targets
+        logits = self.lm_head(x)  # (B, T, V)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100)

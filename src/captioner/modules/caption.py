@@ -174,6 +174,7 @@ class CaptionModule(TrainingModule):
             labels=batch["labels"],
             pixel_values=batch.get("pixel_values"),
             features=batch.get("features"),
+            return_logits=False,
         )
         return loss
 
