@@ -5,7 +5,7 @@
     python scripts/bench_caption.py --sizes demo        # only the demo sizes
 
 Sizes: "real" is CLIP ViT-B/32 (random weights, same shapes as openai/clip-vit-base-patch32) + GPT-2 124M with
-cross-attention every 2 blocks; "demo" is configs/experiment/demo_caption.yaml's tiny CLIP + the "demo" GPT.
+cross-attention every 2 blocks; "demo" is the shapes stand-in CLIP's architecture + demo_caption.yaml's "demo" GPT.
 Both read the same generated 640x480 JPEGs in a temporary COCO-layout directory, whose CLIP features are cached
 with `build_feature_cache` first (not timed).
 
