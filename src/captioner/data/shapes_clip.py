@@ -27,9 +27,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from captioner.data.coco import clip_transform, load_captions, load_image
+from captioner.data.coco import ImageSource, load_captions
 from captioner.data.shapes import COLORS, GRID, SHAPES, SIZES, Scene, load_scenes
 from captioner.io import save_json
+from captioner.models.vision import token_parameters
 from captioner.modules.optim import warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -65,16 +66,16 @@ def load_split(images_root: str | Path, split: str, image_size: int) -> tuple[to
     root = Path(images_root)
     index = load_captions(root, split, prepare_hint="captioner-prepare shapes")
     scenes = load_scenes(root / "annotations" / f"scenes_{split}.json")
-    transform = clip_transform(image_size)
+    source = ImageSource(index, image_size=image_size)
     pixels, labels, skipped = [], [], []
     for i, image_id in enumerate(index.image_ids):
         if image_id not in scenes:
             raise ValueError(f"{root}/annotations/scenes_{split}.json has no scene for image {image_id}")
-        image = load_image(index.image_path(i))
+        image = source.load(i)  # (3, S, S), CLIP-preprocessed, or None when unreadable
         if image is None:
             skipped.append(index.file_names[i])
             continue
-        pixels.append(transform(image))
+        pixels.append(image)
         labels.append(cell_labels(scenes[image_id]))
     if skipped:
         log.warning("%s: skipped %d unreadable images: %s", split, len(skipped), ", ".join(skipped[:10]))
@@ -149,8 +150,7 @@ def train_shapes_clip(
     torch.manual_seed(seed)
     clip = CLIPVisionModel(config)
     heads = CellHeads(config.hidden_size)
-    # post_layernorm feeds only the pooled vector, which nothing here (or in the captioner) reads
-    params = [p for n, p in clip.named_parameters() if "post_layernorm" not in n] + list(heads.parameters())
+    params = token_parameters(clip) + list(heads.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     order = torch.Generator().manual_seed(seed)
     clip.train()

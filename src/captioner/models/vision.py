@@ -9,6 +9,12 @@ import torch
 import torch.nn as nn
 
 
+def token_parameters(clip: nn.Module) -> list[nn.Parameter]:
+    """A CLIPVisionModel's parameters that shape its output tokens: all but the post-LayerNorm, which feeds only
+    the pooled vector we never use (trained, it would get no gradient and leave DDP waiting for one)."""
+    return [p for name, p in clip.named_parameters() if "post_layernorm" not in name]
+
+
 class VisionEncoder(nn.Module):
     """`transformers.CLIPVisionModel` (all N output tokens, not only the pooled one) → Linear → LayerNorm.
 
@@ -54,9 +60,7 @@ class VisionEncoder(nn.Module):
         return not any(p.requires_grad for p in self.clip.parameters())
 
     def clip_parameters(self) -> list[nn.Parameter]:
-        """CLIP's parameters that shape `encode`'s output: all but the post-LayerNorm, which feeds only the pooled
-        vector we never use (trained, it would get no gradient and leave DDP waiting for one)."""
-        return [p for name, p in self.clip.named_parameters() if "post_layernorm" not in name]
+        return token_parameters(self.clip)
 
     def train(self, mode: bool = True) -> VisionEncoder:
         super().train(mode)
