@@ -45,14 +45,14 @@ from bench_pretrain import (
 from omegaconf import OmegaConf
 from PIL import Image, ImageDraw
 
-from captioner.data.coco import CocoCaptionDataModule
-from captioner.data.features import FeatureStore, build_feature_cache
-from captioner.data.shapes_clip import DEFAULT_CLIP_CONFIG as STANDIN_CLIP_CONFIG
+from captioner.data.captions import CocoCaptionDataModule
+from captioner.data.feature_cache import FeatureStore, build_feature_cache
 from captioner.io import atomic_path, save_json
 from captioner.models.captioner import Captioner
 from captioner.models.gpt import GPT, GPTConfig
 from captioner.models.vision import VisionEncoder
-from captioner.modules.optim import make_adamw
+from captioner.optim import make_adamw
+from captioner.shapes.clip import DEFAULT_CLIP_CONFIG as STANDIN_CLIP_CONFIG
 from captioner.tokenizer import EOT
 
 REPO = Path(__file__).resolve().parents[1]

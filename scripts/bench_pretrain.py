@@ -32,13 +32,13 @@ import lightning as L
 import numpy as np
 import torch
 
-from captioner.callbacks.throughput import peak_flops_for
-from captioner.data.shards import TokenShardDataModule, shard_path, write_shard
+from captioner.data.token_shards import TokenShardDataModule, shard_path, write_shard
 from captioner.models.gpt import GPT, GPTConfig
-from captioner.modules.common import OptimConfig
-from captioner.modules.optim import make_adamw, warmup_cosine_schedule
-from captioner.modules.pretrain import PretrainModule
+from captioner.optim import make_adamw, warmup_cosine_schedule
 from captioner.tokenizer import N_VOCAB
+from captioner.training.base import OptimConfig
+from captioner.training.callbacks.throughput import peak_flops_for
+from captioner.training.pretrain import PretrainModule
 
 PRECISIONS = ("32-true", "bf16-mixed")
 
@@ -337,7 +337,7 @@ def format_training(results: dict[str, TrainResult]) -> str:
 def shapes_hellaswag(n: int, seed: int = 0) -> list[dict]:
     """`n` shapes-world HellaSwag examples, written as the jsonl the evaluator reads and loaded back."""
     from captioner.data.hellaswag import load_examples
-    from captioner.data.shapes import write_hellaswag
+    from captioner.prepare.shapes import write_hellaswag
 
     with tempfile.TemporaryDirectory(prefix="bench_hellaswag_") as tmp:
         return load_examples(write_hellaswag(Path(tmp) / "shapes_val.jsonl", seed=seed, n=n))

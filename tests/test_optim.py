@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from captioner.models.captioner import GatedCrossAttention
-from captioner.modules.optim import make_adamw, param_groups, warmup_cosine, warmup_cosine_schedule
+from captioner.optim import make_adamw, param_groups, warmup_cosine, warmup_cosine_schedule
 
 
 def test_schedule_matches_build_nanogpt_get_lr():

@@ -67,6 +67,11 @@ def gpt2_encoding() -> tiktoken.Encoding:
         ) from err
 
 
+def decode(ids) -> str:
+    """Text of generated ids: EOT and the padded vocabulary's extra rows (ids >= 50257) are dropped."""
+    return gpt2_encoding().decode([int(t) for t in ids if t < N_VOCAB and t != EOT]).strip()
+
+
 def fetch_gpt2_bpe(dest: Path | None = None) -> Path:
     """Extract `whisper/assets/gpt2.tiktoken` from the openai-whisper sdist into `dest`, hash-checked, atomically."""
     dest = dest or bpe_path()

@@ -7,6 +7,11 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
+from captioner.models.captioner import load_captioner
+from captioner.models.vision import ClipPreprocess
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
@@ -34,43 +39,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="JSON lines {path, caption} instead of TSV")
     args = parser.parse_args(argv)
 
-    import torch
-
-    from captioner.data.coco import clip_transform, load_image
-    from captioner.modules.caption import CaptionModule
-    from captioner.tokenizer import EOT, gpt2_encoding
-
     try:
         paths = collect_images(args.images)
-        if not Path(args.ckpt).is_file():
-            raise FileNotFoundError(f"no such checkpoint: {args.ckpt}")
-    except FileNotFoundError as err:
+        model, _ = load_captioner(args.ckpt)
+    except (OSError, ValueError) as err:
         print(f"captioner-caption: {err}", file=sys.stderr)
         return 2
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    module = CaptionModule.load_from_checkpoint(args.ckpt, map_location=device, weights_only=True)
-    model = module.model.to(device).eval()
-    transform = clip_transform(model.vision.image_size)
-    enc = gpt2_encoding()
+    model.to(device)
+    preprocess = ClipPreprocess(model.vision.image_size)
     method = {"method": "greedy"} if args.beams == 1 else {"method": "beam", "num_beams": args.beams}
 
     for start in range(0, len(paths), args.batch_size):
         chunk, pixels = [], []
         for path in paths[start : start + args.batch_size]:
-            image = load_image(path)  # None: unreadable, truncated or a decompression bomb
+            image = preprocess(path)  # None: unreadable, truncated or a decompression bomb
             if image is None:
                 print(f"captioner-caption: skipping unreadable image {path}", file=sys.stderr)
                 continue
-            pixels.append(transform(image))
+            pixels.append(image)
             chunk.append(path)
         if not chunk:
             continue
-        with torch.no_grad():
-            ids = model.generate(
-                pixel_values=torch.stack(pixels).to(device), max_new_tokens=args.max_new_tokens, **method
-            )
-        for path, seq in zip(chunk, ids, strict=True):
-            caption = enc.decode([t for t in seq if t != EOT]).strip()
+        captions = model.caption(torch.stack(pixels).to(device), max_new_tokens=args.max_new_tokens, **method)
+        for path, caption in zip(chunk, captions, strict=True):
             if args.json:
                 print(json.dumps({"path": str(path), "caption": caption}))
             else:

@@ -14,9 +14,9 @@ from pathlib import Path
 def _hellaswag(args) -> dict:
     import torch
 
-    from captioner.data.hellaswag import download_hellaswag
     from captioner.eval.hellaswag import evaluate_hellaswag
     from captioner.models.gpt import GPT
+    from captioner.prepare.hellaswag import download_hellaswag
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():

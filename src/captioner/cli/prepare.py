@@ -8,7 +8,7 @@ import sys
 
 
 def _fineweb(args) -> None:
-    from captioner.data.fineweb import prepare_fineweb
+    from captioner.prepare.fineweb import prepare_fineweb
 
     paths = prepare_fineweb(
         args.out,
@@ -26,7 +26,7 @@ def _fineweb(args) -> None:
 def _coco(args) -> None:
     import torch
 
-    from captioner.data.coco import prepare_coco
+    from captioner.prepare.coco import prepare_coco
 
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     prepare_coco(
@@ -45,13 +45,13 @@ def _coco(args) -> None:
 
 
 def _hellaswag(args) -> None:
-    from captioner.data.hellaswag import download_hellaswag
+    from captioner.prepare.hellaswag import download_hellaswag
 
     print(download_hellaswag(args.out, split=args.split))
 
 
 def _shapes(args) -> None:
-    from captioner.data.shapes import prepare_shapes
+    from captioner.prepare.shapes import prepare_shapes
 
     outputs = prepare_shapes(
         args.out,
@@ -67,7 +67,7 @@ def _shapes(args) -> None:
 def _shapes_clip(args) -> None:
     import logging
 
-    from captioner.data.shapes_clip import train_shapes_clip
+    from captioner.shapes.clip import train_shapes_clip
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     report = train_shapes_clip(

@@ -11,9 +11,17 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from captioner.data.feature_cache import check_cache_fits
+from captioner.models.gpt import load_checkpoint
+from captioner.optim import parameter_counts
+from captioner.training.callbacks.plots import plot_metrics
+from captioner.training.loggers import truncate_metrics_after
+
 log = logging.getLogger("captioner.train")
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[3] / "configs")
+# The repository's top-level configs/, reached through the package's `configs` link in a checkout (editable
+# install) and carried inside the package by the wheel: one lookup for both.
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 
 
 def instantiate_all(group: DictConfig | None) -> list:
@@ -37,16 +45,36 @@ def derive_step_settings(trainer: L.Trainer, datamodule, cfg: DictConfig) -> Non
     trainer.val_check_interval = cfg.val_every_n_steps * trainer.accumulate_grad_batches
 
 
+def build_module(model: DictConfig) -> L.LightningModule:
+    """The LightningModule of `model._target_`, given plain data: nested `_target_`s (caption scorers) stay
+    configs for the module to build, so its hyper-parameters remain plain data."""
+    kwargs = OmegaConf.to_container(model, resolve=True)
+    return hydra.utils.get_class(kwargs.pop("_target_"))(**kwargs)
+
+
+def check_feature_cache(cfg: DictConfig) -> None:
+    """Cached CLIP outputs stand in for a frozen CLIP only: refuse a cache that cannot match the model."""
+    features_dir = cfg.data.get("features_dir")
+    if features_dir:
+        check_cache_fits(
+            features_dir,
+            cfg.data.train_split,
+            clip=cfg.model.vision.get("clip"),
+            trainable=cfg.model.trainable,
+        )
+
+
 def train(cfg: DictConfig) -> dict:
     """Fit (and finally validate) the configured module; returns the last logged metrics."""
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere+ for whatever runs outside autocast
     run_dir = Path(cfg.paths.run_dir)
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
-    module = hydra.utils.instantiate(cfg.model, _convert_="all")
+    check_feature_cache(cfg)
+    module = build_module(cfg.model)
     loggers = instantiate_all(cfg.get("logger"))
     if cfg.ckpt_path:
-        _truncate_metrics_after_checkpoint(loggers, cfg.ckpt_path)
+        truncate_metrics_after(loggers, load_checkpoint(cfg.ckpt_path)["global_step"])
     trainer = L.Trainer(
         **OmegaConf.to_container(cfg.trainer, resolve=True),
         logger=loggers,
@@ -61,7 +89,7 @@ def train(cfg: DictConfig) -> dict:
     )
     if not cfg.ckpt_path and hasattr(module, "load_pretrained"):
         module.load_pretrained()  # fresh run: stage-1 LM / CLIP weights (a resumed run restores its own)
-    log.info("parameters: {trainable:,} trainable, {frozen:,} frozen".format(**module.parameter_counts()))
+    log.info("parameters: {trainable:,} trainable, {frozen:,} frozen".format(**parameter_counts(module)))
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     if cfg.validate_at_end and trainer.global_step % cfg.val_every_n_steps != 0:
         trainer.validate(module, datamodule=datamodule, verbose=False)
@@ -71,18 +99,7 @@ def train(cfg: DictConfig) -> dict:
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
 
-def _truncate_metrics_after_checkpoint(loggers: list, ckpt_path: str) -> None:
-    from captioner.loggers import ResumableCSVLogger
-
-    step = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)["global_step"]
-    for logger in loggers:
-        if isinstance(logger, ResumableCSVLogger):
-            logger.truncate_from(step)
-
-
 def _refresh_plots(trainer: L.Trainer, run_dir: Path) -> None:
-    from captioner.callbacks.plots import plot_metrics
-
     for logger in trainer.loggers:
         logger.save()
     if (run_dir / "metrics.csv").exists():

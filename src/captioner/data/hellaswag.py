@@ -1,4 +1,4 @@
-"""HellaSwag data: download the jsonl (as build-nanogpt does), load it with validation, render examples to tokens.
+"""HellaSwag data: load the jsonl with validation, render examples to tokens (build-nanogpt's way).
 
 Each line of `hellaswag_{split}.jsonl` is one multiple-choice example:
 `{"ctx": "A man is sitting on a roof. he", "endings": [4 strings], "label": 3, ...}`; other keys are ignored.
@@ -10,44 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import requests
-
-from captioner.io import atomic_path
-
-BASE_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data"
-SPLITS = ("train", "val", "test")
 N_ENDINGS = 4
-
-
-def download_hellaswag(out_dir: str | Path, split: str = "val", *, base_url: str = BASE_URL) -> Path:
-    """Download `hellaswag_{split}.jsonl` into `out_dir` and return its path; a file already there is kept.
-
-    Streams to a temporary file that is renamed into place only when complete, so an interrupted download
-    leaves nothing behind that a later call would mistake for the finished file.
-    """
-    if split not in SPLITS:
-        raise ValueError(f"unknown HellaSwag split {split!r}; expected one of {SPLITS}")
-    dest = Path(out_dir) / f"hellaswag_{split}.jsonl"
-    if dest.exists():
-        return dest
-    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
-
-    url = f"{base_url}/{dest.name}"
-    with requests.get(url, stream=True, timeout=60) as resp:
-        resp.raise_for_status()
-        total = int(resp.headers.get("content-length", 0)) or None
-        columns = (
-            "[progress.description]{task.description}",
-            BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
-        )
-        with atomic_path(dest) as tmp, open(tmp, "wb") as f, Progress(*columns) as progress:
-            task = progress.add_task(f"hellaswag {split}", total=total)
-            for chunk in resp.iter_content(chunk_size=1 << 16):
-                f.write(chunk)
-                progress.advance(task, len(chunk))
-    return dest
 
 
 def _validate(example, where: str) -> dict:

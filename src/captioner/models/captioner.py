@@ -1,79 +1,29 @@
-"""GPT-2 that reads images: CLIP tokens → projection → gated cross-attention after every k-th GPT-2 block.
+"""GPT-2 that reads images: CLIP tokens → projection → gated cross-attention after every k-th GPT-2 block, and
+`build_captioner`, the one way to assemble it (training, captioning and evaluation all call it).
 
-Shapes: B batch, T caption length, C n_embd, nh heads, hs head size, N image tokens.
-
-Flamingo's trick makes the new layers safe to insert into a trained LM: each adds its output through
-tanh(gate) with the gate initialised to 0, so at initialisation the captioner computes exactly the LM's logits,
-and training opens the gates only as far as the images help.
+Shapes: B batch, T caption length, C n_embd, N image tokens, D CLIP width.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import os
 from collections.abc import Iterable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from captioner.models import decoding
-from captioner.models.gpt import GPT, MLP, KVCache
+from captioner.models import generate as decoding
+from captioner.models.cross_attention import GatedCrossAttention
+from captioner.models.gpt import GPT, GPTConfig, lm_config_from_checkpoint, load_checkpoint
 from captioner.models.vision import VisionEncoder
-from captioner.tokenizer import EOT
+from captioner.optim import parameter_counts
+from captioner.tokenizer import EOT, decode
+
+log = logging.getLogger(__name__)
 
 PARTS = ("xattn", "projection", "vision", "lm")
-
-
-class GatedCrossAttention(nn.Module):
-    """Pre-LN cross-attention (text queries, image keys/values) and an MLP, each behind a tanh gate (names as
-    OpenFlamingo's `attn_gate` / `ff_gate`)."""
-
-    def __init__(self, n_embd: int, n_head: int):
-        super().__init__()
-        if n_embd % n_head != 0:
-            raise ValueError(f"GatedCrossAttention: n_embd ({n_embd}) must be divisible by n_head ({n_head})")
-        self.n_head = n_head
-        self.n_embd = n_embd
-        self.ln_1 = nn.LayerNorm(n_embd)
-        self.c_q = nn.Linear(n_embd, n_embd)
-        self.c_kv = nn.Linear(n_embd, 2 * n_embd)  # keys and values of the image tokens in one matmul
-        self.c_proj = nn.Linear(n_embd, n_embd)
-        self.attn_gate = nn.Parameter(torch.zeros(1))
-        self.ln_2 = nn.LayerNorm(n_embd)
-        self.mlp = MLP(n_embd)
-        self.ff_gate = nn.Parameter(torch.zeros(1))
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, mean=0.0, std=0.02)
-                nn.init.zeros_(module.bias)
-
-    def image_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """context (B, N, C) → keys, values (B, nh, N, hs) each."""
-        B, N, C = context.size()
-        k, v = self.c_kv(context).split(self.n_embd, dim=2)  # (B, N, C) each
-        k = k.view(B, N, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, N, hs)
-        v = v.view(B, N, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, N, hs)
-        return k, v
-
-    def forward(
-        self, x: torch.Tensor, context: torch.Tensor, cache: KVCache | None = None, layer: int | None = None
-    ) -> torch.Tensor:
-        """x (B, T, C) text stream, context (B, N, C) image tokens → (B, T, C). With a cache the image keys and
-        values are computed on the first call and reused afterwards (stored under `layer`)."""
-        B, T, C = x.size()
-        q = self.c_q(self.ln_1(x)).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        if cache is not None and layer in cache.cross_attn:
-            k, v = cache.cross_attn[layer]  # (B, nh, N, hs) each
-        else:
-            k, v = self.image_kv(context)
-            if cache is not None:
-                cache.cross_attn[layer] = (k, v)
-        y = F.scaled_dot_product_attention(
-            q, k, v
-        )  # (B, nh, T, hs): every text position sees every image token
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
-        x = x + self.attn_gate.tanh() * self.c_proj(y)  # (B, T, C)
-        x = x + self.ff_gate.tanh() * self.mlp(self.ln_2(x))  # (B, T, C)
-        return x
 
 
 class Captioner(nn.Module):
@@ -140,12 +90,7 @@ class Captioner(nn.Module):
         for p in self.parameters():
             p.requires_grad_(id(p) in chosen)
         self.vision.train(self.vision.training)  # re-applies "frozen CLIP stays in eval mode"
-        return self.parameter_counts()
-
-    def parameter_counts(self) -> dict[str, int]:
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad)
-        return {"trainable": trainable, "frozen": frozen}
+        return parameter_counts(self)
 
     # --- captioning ---------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -170,19 +115,128 @@ class Captioner(nn.Module):
         prompt = torch.full((context.size(0), 1), EOT, dtype=torch.long, device=context.device)  # (B, 1)
         common = dict(max_new_tokens=max_new_tokens, eot=EOT, context=context, use_cache=use_cache)
         if method == "greedy":
-            return decoding.greedy(self.lm, prompt, **common)
+            return decoding.generate(self.lm, prompt, decoding.argmax, **common)
         if method == "beam":
             return decoding.beam_search(
                 self.lm, prompt, num_beams=num_beams, length_penalty=length_penalty, **common
             )
         if method == "sample":
-            return decoding.sample(
-                self.lm,
-                prompt,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                generator=generator,
-                **common,
-            )
+            pick = decoding.sampler(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+            return decoding.generate(self.lm, prompt, pick, **common)
         raise ValueError(f"unknown decoding method {method!r}; choose greedy, beam or sample")
+
+    def caption(
+        self, pixel_values: torch.Tensor | None = None, features: torch.Tensor | None = None, **generation
+    ) -> list[str]:
+        """Caption text per image; `generation` as in `generate`."""
+        return [decode(ids) for ids in self.generate(pixel_values, features, **generation)]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# assembling a captioner: configs (plain data, as checkpoints store them) → model, pretrained weights
+
+
+def resolve_lm(lm: dict) -> dict:
+    """Fill `lm["config"]` (the GPT shape) from wherever the weights come from, without loading them: a stage-1
+    checkpoint (`ckpt`), an HF GPT-2 (`hf`), or a GPTConfig name/fields (random init)."""
+    lm = dict(lm)
+    if lm.get("ckpt") and lm.get("hf"):
+        raise ValueError(f"model.lm: give either ckpt ({lm['ckpt']}) or hf ({lm['hf']}), not both")
+    config = lm.get("config")
+    if config is not None and not isinstance(config, str) and "name" not in config:
+        return lm  # already resolved (e.g. read back from a checkpoint)
+    if lm.get("ckpt"):
+        lm["config"] = dataclasses.asdict(lm_config_from_checkpoint(load_checkpoint(lm["ckpt"]), lm["ckpt"]))
+    elif lm.get("hf"):
+        from transformers import GPT2Config
+
+        lm["config"] = dataclasses.asdict(GPTConfig.from_hf(GPT2Config.from_pretrained(lm["hf"]), lm["hf"]))
+    elif config:
+        lm["config"] = dataclasses.asdict(GPTConfig.resolve(config))
+    else:
+        raise ValueError(
+            "model.lm: no language model given: set model.lm.ckpt=<stage-1 last.ckpt>, model.lm.hf=gpt2 "
+            "(or a local HF dir), or model.lm.config=<GPTConfig name> for a randomly initialised LM"
+        )
+    return lm
+
+
+def resolve_vision(vision: dict) -> dict:
+    """Record CLIP's full architecture (`clip_config`) so that a checkpoint rebuilds it offline."""
+    vision = dict(vision)
+    if vision.get("clip_config") is None:
+        if not vision.get("clip"):
+            raise ValueError("model.vision: set clip (hub name or local dir) or clip_config (random CLIP)")
+        from transformers import CLIPVisionConfig
+
+        try:
+            vision["clip_config"] = CLIPVisionConfig.from_pretrained(vision["clip"]).to_dict()
+        except OSError as err:
+            raise OSError(
+                f"model.vision.clip={vision['clip']!r}: CLIP config not found locally or on the hub ({err}); "
+                "point it at a local save_pretrained directory, or set model.vision.clip_config for a random CLIP"
+            ) from err
+    return vision
+
+
+def build_captioner(
+    lm: dict,
+    vision: dict,
+    cross_every: int = 2,
+    trainable: Iterable[str] = ("xattn", "projection"),
+    *,
+    pretrained: bool = False,
+) -> Captioner:
+    """A Captioner from its config dicts (`resolve_lm` / `resolve_vision` forms). Weights are random unless
+    `pretrained`, which copies in the stage-1 / HF GPT-2 and the CLIP weights the configs name."""
+    lm, vision = resolve_lm(lm), resolve_vision(vision)
+    config = GPTConfig(**lm["config"])
+    encoder = VisionEncoder(config.n_embd, clip=None, clip_config=vision["clip_config"])
+    model = Captioner(GPT(config), encoder, cross_every=cross_every, trainable=trainable)
+    if pretrained:
+        load_pretrained_weights(model, lm, vision)
+    return model
+
+
+def load_pretrained_weights(model: Captioner, lm: dict, vision: dict) -> None:
+    """Copy the LM (stage-1 checkpoint or HF GPT-2) and CLIP weights named by the configs into `model`."""
+    source = None
+    if lm.get("ckpt"):
+        source = GPT.from_lightning_checkpoint(lm["ckpt"])
+    elif lm.get("hf"):
+        source = GPT.from_pretrained(lm["hf"])
+    if source is not None:
+        missing, unexpected = model.lm.load_state_dict(source.state_dict(), strict=False)
+        if unexpected or any(not k.startswith("cross.") for k in missing):
+            raise RuntimeError(f"LM weights do not fit: missing {missing}, unexpected {unexpected}")
+        log.info("language model loaded from %s", lm.get("ckpt") or lm.get("hf"))
+    if vision.get("clip"):
+        from transformers import CLIPVisionModel
+
+        clip = CLIPVisionModel.from_pretrained(vision["clip"])
+        model.vision.clip.load_state_dict(clip.state_dict())
+        log.info("CLIP loaded from %s", vision["clip"])
+
+
+CAPTIONER_KEYS = ("lm", "vision", "cross_every", "trainable")
+
+
+def load_captioner(path: str | os.PathLike) -> tuple[Captioner, dict]:
+    """A trained captioner from a caption run's Lightning checkpoint, on the CPU in eval mode, and the checkpoint's
+    hyper-parameters (generation settings included). Needs no LightningModule."""
+    ckpt = load_checkpoint(path)
+    hparams = ckpt.get("hyper_parameters") or {}
+    if not all(key in hparams for key in CAPTIONER_KEYS):
+        kind = "a stage-1 (language model) checkpoint" if "gpt" in hparams or "model" in hparams else "not"
+        raise ValueError(
+            f"{path}: {kind} a caption checkpoint (hyper_parameters need {', '.join(CAPTIONER_KEYS)}); "
+            "pass the last.ckpt of a caption run"
+        )
+    model = build_captioner(**{key: hparams[key] for key in CAPTIONER_KEYS})
+    weights = {
+        key.removeprefix("model."): value
+        for key, value in ckpt["state_dict"].items()
+        if key.startswith("model.")
+    }
+    model.load_state_dict(weights)
+    return model.eval(), dict(hparams)

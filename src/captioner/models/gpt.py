@@ -1,4 +1,4 @@
-"""GPT-2 as in build-nanogpt, plus the two things later stages need: a KV cache and cross-attention slots.
+"""GPT-2 as in build-nanogpt, plus the two things later stages need: KV-cache use and cross-attention slots.
 
 Shapes: B batch, T sequence length, C n_embd, nh heads, hs head size (C // nh), V vocab size,
 N image tokens (cross-attention context).
@@ -13,10 +13,13 @@ import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from captioner.models.kv_cache import KVCache
 
 # --------------------------------------------------------------------------------------------------------------
 # config
@@ -47,6 +50,30 @@ class GPTConfig:
             raise ValueError(f"unknown GPT config name {name!r}; known names: {', '.join(NAMED_CONFIGS)}")
         return cls(**{**NAMED_CONFIGS[name], **overrides})
 
+    @classmethod
+    def resolve(cls, spec: dict | str) -> GPTConfig:
+        """`{"name": "gpt2_124m", **overrides}`, a bare name, or explicit fields (how configs spell a shape)."""
+        if isinstance(spec, str):
+            return cls.named(spec)
+        spec = dict(spec)
+        name = spec.pop("name", None)
+        return cls.named(name, **spec) if name else cls(**spec)
+
+    @classmethod
+    def from_hf(cls, hf_config, source: object = "GPT2Config") -> GPTConfig:
+        """The shape of a transformers `GPT2Config` (which must be GPT-2's architecture)."""
+        if getattr(hf_config, "activation_function", "gelu_new") != "gelu_new":
+            raise ValueError(
+                f"{source}: activation_function {hf_config.activation_function!r} is not GPT-2's"
+            )
+        return cls(
+            block_size=hf_config.n_positions,
+            vocab_size=hf_config.vocab_size,
+            n_layer=hf_config.n_layer,
+            n_head=hf_config.n_head,
+            n_embd=hf_config.n_embd,
+        )
+
 
 NAMED_CONFIGS: dict[str, dict[str, int]] = {
     # build-nanogpt's training shape: GPT-2 small with the padded vocab
@@ -57,41 +84,6 @@ NAMED_CONFIGS: dict[str, dict[str, int]] = {
     "demo": dict(n_layer=6, n_head=4, n_embd=64, block_size=128, vocab_size=50304),
     "tiny": dict(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=50304),
 }
-
-# --------------------------------------------------------------------------------------------------------------
-# KV cache
-
-
-class KVCache:
-    """Keys and values kept between decoding steps.
-
-    `self_attn[layer]`: the self-attention (k, v) of every position fed so far, each (B, nh, length, hs).
-    `cross_attn[layer]`: the cross-attention (k, v) of the image tokens, each (B, nh, N, hs); they depend on the
-    image only, so they are computed on the first step and reused for every later one.
-    `length`: how many positions have been fed; the next token's position.
-
-    Tensors are replaced, never written in place, so a tensor handed out earlier never changes under its holder.
-    """
-
-    def __init__(self):
-        self.self_attn: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.cross_attn: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.length = 0
-
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Add this step's (B, nh, T, hs) keys/values for `layer`; return all of them, (B, nh, length + T, hs)."""
-        if layer in self.self_attn:
-            past_k, past_v = self.self_attn[layer]
-            k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
-        self.self_attn[layer] = (k, v)
-        return k, v
-
-    def reorder(self, index: torch.Tensor) -> None:
-        """Keep batch rows `index` (LongTensor of shape (B',)), in that order: beam search's parent beams."""
-        for store in (self.self_attn, self.cross_attn):
-            for layer, (k, v) in store.items():
-                store[layer] = (k.index_select(0, index), v.index_select(0, index))
-
 
 # --------------------------------------------------------------------------------------------------------------
 # modules
@@ -262,31 +254,6 @@ class GPT(nn.Module):
         L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, seq_len or cfg.block_size
         return 6 * self.num_params() + 12 * L * H * Q * T
 
-    # --- text generation ----------------------------------------------------------------------------------
-    @torch.no_grad()
-    def generate(
-        self,
-        idx: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        generator: torch.Generator | None = None,
-        eot: int | None = None,
-    ) -> torch.Tensor:
-        """Sample continuations of idx (B, T) with the KV cache. Returns (B, T + n) ids, prompt included,
-        n ≤ max_new_tokens; a row that emitted `eot` is padded with `eot` while the others go on."""
-        # imported here because decoding imports this module (for KVCache)
-        from captioner.models import decoding
-
-        new = decoding.decode(
-            self,
-            idx,
-            decoding.sampler(temperature=temperature, top_k=top_k, generator=generator),
-            max_new_tokens=max_new_tokens,
-            eot=eot,
-        )  # (B, n)
-        return torch.cat([idx, new], dim=1)
-
     # --- loading ------------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, name_or_dir: str | os.PathLike) -> GPT:
@@ -294,20 +261,9 @@ class GPT(nn.Module):
         from transformers import GPT2LMHeadModel
 
         hf = GPT2LMHeadModel.from_pretrained(name_or_dir)
-        hc = hf.config
-        if hc.activation_function != "gelu_new":
-            raise ValueError(f"{name_or_dir}: activation_function {hc.activation_function!r} is not GPT-2's")
-        config = GPTConfig(
-            block_size=hc.n_positions,
-            vocab_size=hc.vocab_size,
-            n_layer=hc.n_layer,
-            n_head=hc.n_head,
-            n_embd=hc.n_embd,
-        )
-        model = cls(config)
+        model = cls(GPTConfig.from_hf(hf.config, source=name_or_dir))
         sd = model.state_dict()
         # HF's GPT-2 uses Conv1D modules: the same math as Linear with the weight stored transposed.
-        transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
         sd_hf = {
             k: v for k, v in hf.state_dict().items() if not k.endswith((".attn.bias", ".attn.masked_bias"))
         }
@@ -318,34 +274,59 @@ class GPT(nn.Module):
             )
         with torch.no_grad():
             for k, v in sd_hf.items():
-                sd[k].copy_(v.t() if k.endswith(transposed) else v)
+                sd[k].copy_(v.t() if k.endswith(HF_TRANSPOSED) else v)
         return model
 
     @classmethod
     def from_lightning_checkpoint(cls, path: str | os.PathLike) -> GPT:
-        """The LM of a stage-1 Lightning checkpoint: config from hyper_parameters["model"], weights from the
-        state_dict keys under `model.` (a torch.compile `_orig_mod.` prefix is dropped too)."""
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        try:
-            fields = ckpt["hyper_parameters"]["model"]
-            state_dict = ckpt["state_dict"]
-        except (KeyError, TypeError) as e:
-            raise ValueError(
-                f"{path}: not a stage-1 checkpoint (needs hyper_parameters.model and state_dict), missing {e}"
-            ) from e
-        known = {f.name for f in dataclasses.fields(GPTConfig)}
-        if not isinstance(fields, dict) or set(fields) - known:
-            raise ValueError(
-                f"{path}: hyper_parameters.model must hold GPTConfig fields {sorted(known)}, got {fields!r}"
-            )
-        model = cls(GPTConfig(**fields))
-        weights = {}
-        for key, value in state_dict.items():
-            if key.startswith("model."):
-                weights[key.removeprefix("model.").replace("_orig_mod.", "")] = value
-        if not weights:
-            raise ValueError(
-                f"{path}: state_dict has no `model.` keys; keys start with {sorted(state_dict)[:3]}"
-            )
+        """The LM of a stage-1 Lightning checkpoint (see `read_lm_checkpoint`)."""
+        config, weights = read_lm_checkpoint(path)
+        model = cls(config)
         model.load_state_dict(weights)
         return model
+
+
+# --------------------------------------------------------------------------------------------------------------
+# where GPT weights come from: transformers GPT-2, stage-1 checkpoints
+
+HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """A Lightning checkpoint as plain data (weights_only; memory-mapped, so reading its config is cheap)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # torch raises RuntimeError/UnpicklingError/EOFError for a bad file
+        raise ValueError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
+
+
+def lm_config_from_checkpoint(ckpt: dict, path: str | os.PathLike) -> GPTConfig:
+    """The GPTConfig a stage-1 checkpoint was trained with: hyper_parameters["gpt"] (["model"] before 0.2)."""
+    hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    fields = (hparams or {}).get("gpt", (hparams or {}).get("model"))
+    known = {f.name for f in dataclasses.fields(GPTConfig)}
+    if not isinstance(fields, dict) or set(fields) - known:
+        raise ValueError(
+            f"{path}: not a stage-1 checkpoint (hyper_parameters.gpt must hold GPTConfig fields {sorted(known)}, "
+            f"got {fields!r})"
+        )
+    return GPTConfig(**fields)
+
+
+def read_lm_checkpoint(path: str | os.PathLike) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
+    """(config, GPT state dict) of a stage-1 Lightning checkpoint: weights are the state_dict keys under `model.`
+    (a torch.compile `_orig_mod.` prefix is dropped too)."""
+    ckpt = load_checkpoint(path)
+    config = lm_config_from_checkpoint(ckpt, path)
+    state_dict = ckpt.get("state_dict") or {}
+    weights = {
+        key.removeprefix("model.").replace("_orig_mod.", ""): value
+        for key, value in state_dict.items()
+        if key.startswith("model.")
+    }
+    if not weights:
+        raise ValueError(f"{path}: state_dict has no `model.` keys; keys start with {sorted(state_dict)[:3]}")
+    return config, weights

@@ -1,12 +1,70 @@
-"""CLIP vision tower + projection into the LM's width: the image tokens the captioner's cross-attention reads.
+"""Images in, image tokens out: decoding image files, CLIP's preprocessing, and the CLIP vision tower + projection
+into the LM's width whose tokens the captioner's cross-attention reads.
 
 Shapes: B images, N image tokens (CLS + patches; 50 for ViT-B/32 at 224 px), D CLIP width, C LM width.
 """
 
 from __future__ import annotations
 
+import os
+import warnings
+
 import torch
 import torch.nn as nn
+from PIL import Image
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def load_image(path: str | os.PathLike) -> Image.Image | None:
+    """Decode an image fully, or None if it is missing, corrupt, truncated or a decompression bomb.
+
+    PIL only warns between MAX_IMAGE_PIXELS and twice that; the warning is raised here so bombs are refused at
+    the limit itself.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()  # decode now: Image.open reads only the header, truncation shows up here
+                return img.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return None
+
+
+def clip_transform(image_size: int = 224):
+    """CLIP's preprocessing: RGB, shortest side to `image_size` (bicubic, antialiased), centre crop, [0, 1]
+    floats, CLIP mean/std. PIL image in, plain (3, S, S) float32 tensor out."""
+    from torchvision.transforms import v2
+
+    return v2.Compose(
+        [
+            v2.RGB(),
+            v2.Resize(image_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+            v2.CenterCrop(image_size),
+            v2.ToImage(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean=CLIP_MEAN, std=CLIP_STD),
+            v2.ToPureTensor(),
+        ]
+    )
+
+
+class ClipPreprocess:
+    """An image file (or a PIL image) → CLIP-preprocessed (3, S, S) float32 tensor; None for a file that cannot be
+    read. The one way images enter the model: training data, the feature cache and captioning all use it."""
+
+    def __init__(self, image_size: int = 224):
+        self.image_size = image_size
+        self.transform = clip_transform(image_size)
+
+    def __call__(self, image: Image.Image | str | os.PathLike) -> torch.Tensor | None:
+        if not isinstance(image, Image.Image):
+            image = load_image(image)
+            if image is None:
+                return None
+        return self.transform(image)  # (3, S, S)
 
 
 def token_parameters(clip: nn.Module) -> list[nn.Parameter]:

@@ -1,0 +1,424 @@
+"""(image, caption) pairs for the caption stage: caption tokens, the dataset, batching, the sampler, the DataModule.
+
+Batches (see `CaptionCollate`): B images/captions, T the longest caption in the batch, S the image side,
+N image tokens and D their width when serving cached CLIP features.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+
+from captioner.data.coco_format import CaptionIndex, load_captions
+from captioner.data.feature_cache import FeatureStore
+from captioner.models.vision import ClipPreprocess
+from captioner.tokenizer import EOT, gpt2_encoding
+
+log = logging.getLogger(__name__)
+
+
+def normalize_caption(text: str) -> str:
+    """Strip, collapse whitespace, lowercase, drop trailing periods: "A dog  runs. " → "a dog runs"."""
+    return " ".join(text.split()).lower().rstrip(". ")
+
+
+def encode_caption(text: str, enc, max_tokens: int) -> list[int]:
+    """Token sequence of one caption: [EOT] + BPE(normalize_caption(text)) + [EOT], at most `max_tokens + 1` long.
+
+    The leading EOT is the "start" the model conditions on; the trailing EOT teaches it to stop. The sequence
+    yields `max_tokens` (input, label) positions. A caption too long to fit loses its tail *and* its final EOT:
+    a cut caption does not end there, so the model must not learn to stop there.
+    """
+    return _wrap(enc.encode_ordinary(normalize_caption(text)), max_tokens)
+
+
+def _wrap(tokens: list[int], max_tokens: int) -> list[int]:
+    return ([EOT, *tokens, EOT])[: max_tokens + 1]
+
+
+def encode_captions(texts: Sequence[str], enc, max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """`encode_caption` for many captions at once: (flat int32 tokens, int64 offsets of length len(texts) + 1).
+
+    Flat arrays rather than lists of lists: DataLoader workers then share them copy-on-write.
+    """
+    if max_tokens < 1:
+        raise ValueError(f"max_caption_tokens must be >= 1, got {max_tokens}")
+    seqs = [_wrap(t, max_tokens) for t in enc.encode_ordinary_batch([normalize_caption(s) for s in texts])]
+    offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
+    np.cumsum([len(s) for s in seqs], out=offsets[1:])
+    flat = np.fromiter((t for s in seqs for t in s), dtype=np.int32, count=int(offsets[-1]))
+    return flat, offsets
+
+
+class ImageSource:
+    """Where one split's image tensors come from: decoded + CLIP-preprocessed files ("pixel_values", (3, S, S)
+    float32), or the CLIP feature cache ("features", (N, D) float32, no image decoding at all)."""
+
+    def __init__(self, index: CaptionIndex, *, image_size: int, features=None):
+        self.index = index
+        self.features = features  # a FeatureStore, or None
+        self.preprocess = None if features is not None else ClipPreprocess(image_size)
+        self.key = "features" if features is not None else "pixel_values"
+        self.shape = tuple(features.shape[1:]) if features is not None else (3, image_size, image_size)
+
+    def load(self, i: int) -> torch.Tensor | None:
+        """Image i's tensor, or None when it cannot be read (or was unreadable when the cache was built)."""
+        if self.features is not None:
+            feats = self.features.get(self.index.image_ids[i])
+            return None if feats is None else torch.from_numpy(feats).float()  # (N, D)
+        return self.preprocess(self.index.image_path(i))  # (3, S, S)
+
+
+class CaptionPairs(Dataset):
+    """Item c = caption c of the split with its image. Which captions an epoch visits is the sampler's choice.
+
+    Returns {key: image tensor, "input_ids": (L,), "labels": (L,), "image_id"}, with labels[t] the token after
+    input_ids[t]; or, for an unreadable image, the sentinel {"skipped": file_name, "image_id"}.
+    """
+
+    def __init__(
+        self, index: CaptionIndex, tokens: np.ndarray, token_offsets: np.ndarray, source: ImageSource
+    ):
+        self.index, self.tokens, self.token_offsets, self.source = index, tokens, token_offsets, source
+
+    def __len__(self) -> int:
+        return len(self.index.caption_image)
+
+    def __getitem__(self, c: int) -> dict:
+        i = int(self.index.caption_image[c])
+        image_id = self.index.image_ids[i]
+        image = self.source.load(i)
+        if image is None:
+            return {"skipped": self.index.file_names[i], "image_id": image_id}
+        seq = torch.from_numpy(
+            self.tokens[self.token_offsets[c] : self.token_offsets[c + 1]].astype(np.int64)
+        )
+        return {self.source.key: image, "input_ids": seq[:-1], "labels": seq[1:], "image_id": image_id}
+
+
+@dataclass
+class CaptionCollate:
+    """Stack items into a batch, padding captions to the longest one; unreadable images are dropped and named.
+
+    Batch: {key: (B, *image_shape) float32, "input_ids": (B, T) int64 padded with EOT, "labels": (B, T) int64
+    padded with -100 (ignored by the loss; the EOT padding is never a target), "image_ids": (B,) int64,
+    "skipped": [file names]}. B can be 0 when every image of a batch was unreadable.
+    """
+
+    key: str
+    image_shape: tuple[int, ...]
+
+    def __call__(self, items: list[dict]) -> dict:
+        good = [it for it in items if "skipped" not in it]
+        B = len(good)
+        T = max((len(it["input_ids"]) for it in good), default=0)
+        input_ids = torch.full((B, T), EOT, dtype=torch.int64)  # (B, T)
+        labels = torch.full((B, T), -100, dtype=torch.int64)  # (B, T)
+        for b, it in enumerate(good):
+            n = len(it["input_ids"])
+            input_ids[b, :n] = it["input_ids"]
+            labels[b, :n] = it["labels"]
+        images = torch.stack([it[self.key] for it in good]) if good else torch.empty(0, *self.image_shape)
+        return {
+            self.key: images,  # (B, 3, S, S) or (B, N, D)
+            "input_ids": input_ids,
+            "labels": labels,
+            "image_ids": torch.tensor([it["image_id"] for it in good], dtype=torch.int64),  # (B,)
+            "skipped": [it["skipped"] for it in items if "skipped" in it],
+        }
+
+
+class CaptionSampler(Sampler[int]):
+    """The caption indices one rank visits in one epoch, seeded by (seed, epoch), resumable by whole batches.
+
+    mode "all": every caption once per epoch; mode "one": one caption per image, drawn per epoch. With `shuffle`
+    the order is a permutation drawn from (seed, epoch); every rank draws the same one and takes every
+    world_size-th item from its rank on (training drops the tail so all ranks get equally many batches, which
+    DDP needs; validation keeps everything, so each pair counts exactly once).
+
+    `skip_batches` drops the first batches of epoch `epoch` only (a mid-epoch resume) by slicing indices, so no
+    image is decoded for them. `__len__` keeps counting them: Lightning resumes its own batch counter at the
+    same place and ends the epoch when that counter reaches `len(dataloader)`.
+    """
+
+    def __init__(
+        self,
+        index: CaptionIndex,
+        *,
+        mode: str = "all",
+        shuffle: bool = True,
+        seed: int = 0,
+        epoch: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_tail: bool = True,
+        batch_size: int = 1,
+        skip_batches: int = 0,
+    ):
+        if mode not in ("all", "one"):
+            raise ValueError(f"captions_per_epoch must be 'all' or 'one', got {mode!r}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        self.index, self.mode, self.shuffle, self.seed = index, mode, shuffle, seed
+        self.rank, self.world_size, self.drop_tail, self.batch_size = rank, world_size, drop_tail, batch_size
+        self.epoch, self.skip_batches = epoch, skip_batches
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.skip_batches = 0  # the resume offset belongs to the epoch that was interrupted
+        self.epoch = epoch
+
+    def epoch_order(self) -> np.ndarray:
+        """All ranks' caption indices for this epoch, before the rank split."""
+        rng = np.random.default_rng([self.seed, self.epoch])
+        if self.mode == "all":
+            order = np.arange(len(self.index.caption_image))
+            return rng.permutation(order) if self.shuffle else order
+        counts = np.diff(self.index.offsets)
+        images = np.flatnonzero(counts)  # images without captions have nothing to train on
+        picks = self.index.offsets[images] + (rng.random(len(images)) * counts[images]).astype(np.int64)
+        return rng.permutation(picks) if self.shuffle else picks
+
+    def rank_order(self) -> np.ndarray:
+        order = self.epoch_order()
+        if self.drop_tail:
+            order = order[: len(order) // self.world_size * self.world_size]
+        return order[self.rank :: self.world_size]
+
+    def __iter__(self) -> Iterator[int]:
+        order = self.rank_order()[self.skip_batches * self.batch_size :]
+        return iter(order.tolist())
+
+    def __len__(self) -> int:
+        # "one" draws a caption for every image that has one
+        n = (
+            len(self.index.caption_image)
+            if self.mode == "all"
+            else int(np.count_nonzero(np.diff(self.index.offsets)))
+        )
+        if self.drop_tail:
+            return n // self.world_size
+        return len(range(self.rank, n, self.world_size))
+
+
+class GenerationImages(Dataset):
+    """The fixed validation images whose captions are generated and scored: item k = {key: image tensor,
+    "image_id", "path", "references": [raw captions]}. Built by `CocoCaptionDataModule.generation_images`."""
+
+    def __init__(self, index: CaptionIndex, key: str, images: dict[int, torch.Tensor]):
+        self.index, self.key, self.positions, self.images = index, key, sorted(images), images
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, k: int) -> dict:
+        i = self.positions[k]
+        return {
+            self.key: self.images[i],
+            "image_id": self.index.image_ids[i],
+            "path": str(self.index.image_path(i)),
+            "references": self.index.image_captions(i),
+        }
+
+
+def collate_generation(items: list[dict]) -> dict:
+    """Stack images; ids as a (B,) tensor; paths and references stay lists."""
+    key = "features" if "features" in items[0] else "pixel_values"
+    return {
+        key: torch.stack([it[key] for it in items]),
+        "image_ids": torch.tensor([it["image_id"] for it in items], dtype=torch.int64),
+        "paths": [it["path"] for it in items],
+        "references": [it["references"] for it in items],
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the DataModule
+
+
+@dataclass
+class _Split:
+    index: CaptionIndex
+    source: ImageSource
+    dataset: CaptionPairs
+
+
+class CocoCaptionDataModule(L.LightningDataModule):
+    """COCO-format (image, caption) pairs for the caption stage.
+
+    Training visits every pair per epoch or one caption per image (`captions_per_epoch`), in a (seed, epoch)
+    shuffled order split across DDP ranks by the sampler itself (Lightning runs with
+    use_distributed_sampler=False), resumable mid-epoch from `state_dict`. Validation: all val pairs, in order,
+    split across ranks. With `features_dir` the loaders serve cached CLIP tokens ("features") instead of pixels.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        train_split: str = "train2017",
+        val_split: str = "val2017",
+        batch_size: int = 32,
+        num_workers: int = 4,
+        image_size: int = 224,
+        max_caption_tokens: int = 48,
+        captions_per_epoch: str = "all",
+        features_dir: str | None = None,
+        val_gen_images: int = 100,
+        seed: int = 1234,
+        prepare_hint: str = "captioner-prepare coco",
+    ):
+        super().__init__()
+        if captions_per_epoch not in ("all", "one"):
+            raise ValueError(f"data.captions_per_epoch must be 'all' or 'one', got {captions_per_epoch!r}")
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        # Plain strings, not Paths: checkpoints must load with torch.load(weights_only=True).
+        self.save_hyperparameters(
+            {
+                "root": str(root),
+                "train_split": train_split,
+                "val_split": val_split,
+                "batch_size": batch_size,
+                "num_workers": num_workers,
+                "image_size": image_size,
+                "max_caption_tokens": max_caption_tokens,
+                "captions_per_epoch": captions_per_epoch,
+                "features_dir": None if features_dir is None else str(features_dir),
+                "val_gen_images": val_gen_images,
+                "seed": seed,
+                "prepare_hint": prepare_hint,
+            }
+        )
+        self._splits: dict[str, _Split] = {}
+        self._generation: dict[int, GenerationImages] = {}
+        # {"epoch", "batches"} from a checkpoint: where the train loader of that epoch starts
+        self._resume: dict | None = None
+
+    # --- loading ------------------------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if stage in ("fit", None):
+            self._split(self.hparams.train_split)
+        self._split(self.hparams.val_split)
+
+    def _split(self, name: str) -> _Split:
+        if name not in self._splits:
+            self._splits[name] = self._load_split(name)
+        return self._splits[name]
+
+    def _load_split(self, name: str) -> _Split:
+        hp = self.hparams
+        index = load_captions(hp.root, name, hp.prepare_hint)
+        features = None
+        if hp.features_dir is not None:
+            features = FeatureStore(hp.features_dir, name)
+            missing = [i for i in index.image_ids if i not in features]
+            if missing:
+                raise ValueError(
+                    f"{features.meta_path}: no cached features for {len(missing)} image(s) of {index.path} "
+                    f"(first: image_id {missing[0]}); rebuild the cache (`{hp.prepare_hint} --features`)"
+                )
+        elif not index.image_dir.is_dir():
+            raise FileNotFoundError(f"image directory not found: {index.image_dir} (run `{hp.prepare_hint}`)")
+        tokens, offsets = encode_captions(index.captions, gpt2_encoding(), hp.max_caption_tokens)
+        source = ImageSource(index, image_size=hp.image_size, features=features)
+        return _Split(index, source, CaptionPairs(index, tokens, offsets, source))
+
+    def _rank_world(self) -> tuple[int, int]:
+        if self.trainer is None:
+            return 0, 1
+        return int(self.trainer.global_rank), int(self.trainer.world_size)
+
+    def _loader(self, split: _Split, sampler: CaptionSampler) -> DataLoader:
+        workers = self.hparams.num_workers
+        return DataLoader(
+            split.dataset,
+            batch_size=self.hparams.batch_size,
+            sampler=sampler,
+            collate_fn=CaptionCollate(split.source.key, split.source.shape),
+            num_workers=workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        split = self._split(self.hparams.train_split)
+        rank, world = self._rank_world()
+        epoch = int(getattr(self.trainer, "current_epoch", 0) or 0)
+        skip = self._resume["batches"] if self._resume and self._resume["epoch"] == epoch else 0
+        sampler = CaptionSampler(
+            split.index,
+            mode=self.hparams.captions_per_epoch,
+            shuffle=True,
+            seed=self.hparams.seed,
+            epoch=epoch,
+            rank=rank,
+            world_size=world,
+            drop_tail=True,
+            batch_size=self.hparams.batch_size,
+            skip_batches=skip,
+        )
+        return self._loader(split, sampler)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        """[val caption pairs (the loss), the generation images (captions to score)], each split across ranks."""
+        split = self._split(self.hparams.val_split)
+        rank, world = self._rank_world()
+        sampler = CaptionSampler(
+            split.index, mode="all", shuffle=False, rank=rank, world_size=world, drop_tail=False
+        )
+        images = self.generation_images()
+        mine = Subset(images, range(rank, len(images), world))
+        generation = DataLoader(mine, batch_size=self.hparams.batch_size, collate_fn=collate_generation)
+        return [self._loader(split, sampler), generation]
+
+    def generation_images(self, n: int | None = None) -> GenerationImages:
+        """A fixed subset of `n` (default `val_gen_images`) captioned val images, in annotation-file order.
+
+        The images are the first readable ones of a permutation drawn from `seed`, so the subset is the same on
+        every call and every rank, and unreadable images are replaced rather than shrinking it. Decoded once and
+        kept (a few hundred images).
+        """
+        split = self._split(self.hparams.val_split)
+        n = self.hparams.val_gen_images if n is None else n
+        if n not in self._generation:
+            captioned = np.flatnonzero(np.diff(split.index.offsets))
+            chosen: dict[int, torch.Tensor] = {}
+            for i in np.random.default_rng(self.hparams.seed).permutation(captioned).tolist():
+                if len(chosen) == n:
+                    break
+                image = split.source.load(i)
+                if image is None:
+                    log.warning("val generation: skipping unreadable image %s", split.index.image_path(i))
+                    continue
+                chosen[i] = image
+            self._generation[n] = GenerationImages(split.index, split.source.key, chosen)
+        return self._generation[n]
+
+    # --- resume -------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Loader position for an exact mid-epoch resume (same world size and batch size assumed).
+
+        "epoch_batches_consumed" is Lightning's own count of batches fetched in the current epoch: where
+        Lightning resumes that epoch, so where the loader must resume too. "batches_consumed" (per-rank batches
+        of the whole run, global_step × accumulation) equals it only within the first epoch.
+        """
+        trainer = self.trainer
+        if trainer is None:
+            return {}
+        return {
+            "batches_consumed": int(trainer.global_step * trainer.accumulate_grad_batches),
+            "epoch": int(trainer.current_epoch),
+            "epoch_batches_consumed": int(trainer.fit_loop.epoch_loop.batch_progress.current.ready),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state:
+            return
+        batches = state.get("epoch_batches_consumed", state.get("batches_consumed", 0))
+        self._resume = {"epoch": int(state.get("epoch", 0)), "batches": int(batches)}

@@ -1,0 +1,133 @@
+"""What both LightningModules share: exact-resume RNG state, grad-norm logging, the optimizer recipe."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from dataclasses import dataclass
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.strategies import FSDPStrategy
+from torch.distributed.fsdp import FullyShardedDataParallel
+
+from captioner.optim import make_adamw, parameter_counts, warmup_cosine_schedule
+
+
+@dataclass
+class OptimConfig:
+    """AdamW + warmup-cosine; the defaults are stage 1's recipe (build-nanogpt)."""
+
+    lr: float = 6e-4
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    warmup_steps: int = 715
+    max_steps: int = 19073
+    min_lr_ratio: float = 0.1
+    gate_lr_mult: float = 1.0  # lr multiplier of the cross-attention gates (stage 2)
+
+
+def rng_state() -> dict:
+    """Every RNG a step may draw from, as plain tensors/lists (loads with weights_only=True)."""
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state()[1].tolist(),
+        "numpy_pos": int(np.random.get_state()[2]),
+        "python": random.getstate(),  # (version, tuple of ints, gauss): plain data
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"], 0, 0.0))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class TrainingModule(L.LightningModule):
+    """Base for both stages: owns the optimizer recipe, logs lr and the pre-clip gradient norm once per optimizer
+    step, logs the accumulation-averaged train loss (as build-nanogpt prints it), and checkpoints RNG state."""
+
+    def __init__(self, optim: dict | None = None):
+        super().__init__()
+        self.optim_cfg = OptimConfig(**(optim or {}))
+        self._loss_sum = 0.0
+        self._loss_count = 0
+
+    def trainable_module(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def configure_optimizers(self):
+        c = self.optim_cfg
+        opt = make_adamw(
+            self.trainable_module(),
+            lr=c.lr,
+            weight_decay=c.weight_decay,
+            betas=c.betas,
+            eps=c.eps,
+            gate_lr_mult=c.gate_lr_mult,
+        )
+        sched = warmup_cosine_schedule(
+            opt, warmup_steps=c.warmup_steps, max_steps=c.max_steps, min_lr_ratio=c.min_lr_ratio
+        )
+        return {"optimizer": opt, "lr_scheduler": sched}
+
+    def accumulate_loss(self, loss: torch.Tensor) -> None:
+        self._loss_sum = self._loss_sum + loss.detach()
+        self._loss_count += 1
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self._loss_count:
+            self.log("train/loss", self._loss_sum / self._loss_count, on_step=True, sync_dist=True)
+        self._loss_sum, self._loss_count = 0.0, 0
+        self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        # Log the total norm before clipping, as build-nanogpt prints it; clip only when configured.
+        max_norm = float(gradient_clip_val) if gradient_clip_val else float("inf")
+        if self._is_fsdp():
+            # Sharded gradients: FSDP's own method reduces the shard norms into the global norm.
+            norm = self.trainer.strategy.model.clip_grad_norm_(max_norm)
+        else:
+            params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        self.log("train/grad_norm", norm, on_step=True)
+
+    def on_fit_start(self) -> None:
+        counts = parameter_counts(self)
+        for logger in self.loggers:
+            logger.log_hyperparams({f"params/{k}": v for k, v in counts.items()})
+
+    # --- evaluation outside *_step hooks (HellaSwag, sampling, captioning) --------------------------------------
+    def _is_fsdp(self) -> bool:
+        return self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy)
+
+    @contextlib.contextmanager
+    def eval_context(self):
+        """Evaluation code in epoch-end hooks gets what `validation_step` gets from Lightning: the configured
+        autocast (bf16-mixed) and, under FSDP, the full (unsharded) parameters."""
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.no_grad())
+            if self._trainer is not None:
+                stack.enter_context(self.trainer.precision_plugin.forward_context())
+                if self._is_fsdp():
+                    stack.enter_context(
+                        FullyShardedDataParallel.summon_full_params(
+                            self.trainer.strategy.model, writeback=False
+                        )
+                    )
+            yield
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["rng_state"] = rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "rng_state" in checkpoint:
+            set_rng_state(checkpoint["rng_state"])

@@ -1,0 +1,183 @@
+"""Stage 2: a pretrained GPT-2 reads a frozen CLIP's image tokens through gated cross-attention.
+
+Validation has two loaders (see `CocoCaptionDataModule.val_dataloader`): caption pairs for the loss, and a fixed
+set of images whose generated captions the configured scorers grade (BLEU/METEOR/ROUGE-L/CIDEr-D by default; the
+shapes demo adds object accuracy). The module keeps the predictions and scores of its last validation
+(`val_predictions`, `val_scores`) for the callbacks that show them (gallery, wandb table).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import hydra
+import torch
+
+from captioner.models.captioner import build_captioner, load_pretrained_weights, resolve_lm, resolve_vision
+from captioner.training.base import TrainingModule
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SCORERS = {"captions": {"_target_": "captioner.eval.caption_metrics.CaptionScorer"}}
+PAIRS, GENERATION = 0, 1  # validation dataloader indices
+
+
+class CaptionModule(TrainingModule):
+    """Caption loss on (image, caption) pairs; validation adds generated captions, scored by `scorers`.
+
+    lm, vision, cross_every, trainable: the captioner (see `build_captioner`); generation: `Captioner.generate`
+    settings for validation (and the defaults of captioning later); scorers: {name: {"_target_": callable, ...}},
+    each called as scorer(predictions {image_id: caption}, references {image_id: [captions]}) and returning
+    (overall {metric: value}, per image {image_id: {metric: value}}); every overall value is logged as val/<metric>.
+    """
+
+    def __init__(
+        self,
+        lm: dict,
+        vision: dict,
+        cross_every: int = 2,
+        trainable: list[str] = ("xattn", "projection"),
+        optim: dict | None = None,
+        generation: dict | None = None,
+        scorers: dict | None = None,
+    ):
+        super().__init__(optim)
+        lm, vision = resolve_lm(lm), resolve_vision(vision)
+        self.save_hyperparameters(
+            {
+                "lm": lm,
+                "vision": vision,
+                "cross_every": cross_every,
+                "trainable": list(trainable),
+                "optim": dataclasses.asdict(self.optim_cfg),
+                "generation": dict(generation or {}),
+                "scorers": dict(DEFAULT_SCORERS if scorers is None else scorers),
+            }
+        )
+        # Random init here: `load_pretrained()` copies the pretrained weights in, which captioner-train does for a
+        # fresh run only (a resumed run restores everything from its checkpoint).
+        self.model = build_captioner(lm, vision, cross_every, trainable)
+        self._scorers = None  # built on first use, on rank 0 only
+        self._generated: list[dict] = []
+        self._skipped = 0
+        self.val_predictions: list[dict] = []  # [{image_id, path, caption, references, scores}], by image id
+        self.val_scores: dict = {}  # overall scores of the last validation, with its step
+
+    def trainable_module(self) -> torch.nn.Module:
+        return self.model
+
+    def flops_per_token(self) -> float:
+        return self.model.lm.flops_per_token()
+
+    def load_pretrained(self) -> None:
+        load_pretrained_weights(self.model, self.hparams.lm, self.hparams.vision)
+
+    # --- steps --------------------------------------------------------------------------------------------
+    def _loss(self, batch) -> torch.Tensor:
+        if batch["labels"].numel() == 0 or bool((batch["labels"] == -100).all()):
+            # Every image of this batch was unreadable: a zero loss that still touches every trainable
+            # parameter keeps DDP's gradient all-reduce in step across ranks.
+            return sum(p.sum() * 0.0 for p in self.model.parameters() if p.requires_grad)
+        _, loss = self.model(
+            batch["input_ids"],
+            labels=batch["labels"],
+            pixel_values=batch.get("pixel_values"),
+            features=batch.get("features"),
+            return_logits=False,
+        )
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        self._count_skipped(batch)
+        loss = self._loss(batch)
+        self.accumulate_loss(loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx, dataloader_idx: int = PAIRS):
+        if dataloader_idx == GENERATION:
+            self._generate(batch)
+            return
+        self._count_skipped(batch)
+        self.log(
+            "val/loss",
+            self._loss(batch),
+            on_epoch=True,
+            sync_dist=True,
+            prog_bar=True,
+            batch_size=len(batch["labels"]),
+            add_dataloader_idx=False,
+        )
+
+    def _count_skipped(self, batch) -> None:
+        if skipped := batch.get("skipped"):
+            self._skipped += len(skipped)
+            log.warning(
+                "skipped unreadable images: %s (%d so far on rank %d)",
+                skipped,
+                self._skipped,
+                self.global_rank,
+            )
+
+    # --- generation + scores ------------------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._generated = []
+
+    def _generate(self, batch) -> None:
+        key = "features" if "features" in batch else "pixel_values"
+        generation = {"method": "beam", **self.hparams.generation}
+        with self.eval_context():
+            captions = self.model.caption(**{key: batch[key]}, **generation)
+        for i, caption in enumerate(captions):
+            image_id = int(batch["image_ids"][i])
+            self._generated.append(
+                {
+                    "image_id": image_id,
+                    "path": batch["paths"][i],
+                    "caption": caption,
+                    "references": batch["references"][i],
+                }
+            )
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            return
+        items = self._generated
+        if self.trainer.world_size > 1:
+            gathered = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(gathered, items)
+            items = [item for part in gathered for item in part]
+        items = sorted(items, key=lambda item: item["image_id"])
+        if not items:
+            return
+        result = None
+        if self.trainer.is_global_zero:
+            try:
+                result = self.score(items)
+            except Exception as err:  # re-raised on every rank below, so no rank waits in a collective
+                result = err
+        result = self.trainer.strategy.broadcast(result, src=0)
+        if isinstance(result, Exception):
+            raise RuntimeError(f"caption scoring failed on rank 0: {result!r}") from None
+        overall, per_image = result
+        for name, value in overall.items():
+            if value is not None:
+                self.log(f"val/{name}", float(value))
+        self.val_scores = {"step": self.global_step, **{k: v for k, v in overall.items() if v is not None}}
+        self.val_predictions = [{**item, "scores": per_image.get(item["image_id"], {})} for item in items]
+
+    def score(self, items: list[dict]) -> tuple[dict, dict[int, dict]]:
+        """Every configured scorer on generated items; their overall and per-image scores merged."""
+        if self._scorers is None:
+            self._scorers = {
+                name: hydra.utils.instantiate(spec) for name, spec in self.hparams.scorers.items()
+            }
+        predictions = {item["image_id"]: item["caption"] for item in items}
+        references = {item["image_id"]: item["references"] for item in items}
+        overall, per_image = {}, {image_id: {} for image_id in predictions}
+        for scorer in self._scorers.values():
+            scores, image_scores = scorer(predictions, references)
+            overall.update(scores)
+            for image_id, values in image_scores.items():
+                per_image[image_id].update(values)
+        return overall, per_image

@@ -1,0 +1,91 @@
+"""Stage 1: GPT-2 language-model pretraining (build-nanogpt's recipe as a LightningModule)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from captioner.data.hellaswag import load_examples
+from captioner.eval.hellaswag import score_hellaswag
+from captioner.models.gpt import GPT, GPTConfig
+from captioner.training.base import TrainingModule
+
+
+class PretrainModule(TrainingModule):
+    """GPT-2 with the LM loss. Validation: loss on a fixed val slice, HellaSwag acc/acc_norm (text samples: TextSamplesCallback).
+
+    Hyper-parameters are plain data only (`gpt` is the resolved GPTConfig as a dict), so checkpoints load with
+    `torch.load(weights_only=True)` and `GPT.from_lightning_checkpoint` can rebuild the LM from them.
+    """
+
+    def __init__(
+        self,
+        gpt: dict | str = "gpt2_124m",
+        optim: dict | None = None,
+        compile: bool = False,
+        hellaswag: dict | None = None,
+    ):
+        super().__init__(optim)
+        config = GPTConfig.resolve(gpt)
+        self.save_hyperparameters(
+            {
+                "gpt": dataclasses.asdict(config),
+                "optim": dataclasses.asdict(self.optim_cfg),
+                "compile": compile,
+                "hellaswag": dict(hellaswag or {}),
+            }
+        )
+        self.model = GPT(config)
+        self.compile_model = compile
+        self._compiled = None  # not a submodule: keeps state-dict keys free of `_orig_mod`
+        self._hellaswag_examples = None
+
+    def trainable_module(self) -> torch.nn.Module:
+        return self.model
+
+    def flops_per_token(self) -> float:
+        return self.model.flops_per_token()
+
+    def configure_model(self) -> None:
+        if self.compile_model and self._compiled is None:
+            # Only the training forward is compiled: fixed (B, T) shapes; evaluation and sampling stay eager.
+            object.__setattr__(self, "_compiled", torch.compile(self.model))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch  # (B, T) int64 each
+        forward = self._compiled if self._compiled is not None else self.model
+        _, loss = forward(x, y)
+        self.accumulate_loss(loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        _, loss = self.model(x, y)
+        self.log("val/loss", loss, on_epoch=True, sync_dist=True, prog_bar=True)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            return
+        with self.eval_context():
+            self._run_hellaswag()
+
+    # --- evaluation helpers -------------------------------------------------------------------------------
+    def _run_hellaswag(self) -> None:
+        cfg = self.hparams.hellaswag
+        if not cfg.get("path"):
+            return
+        if self._hellaswag_examples is None:
+            self._hellaswag_examples = load_examples(cfg["path"], limit=cfg.get("limit"))
+        counts = score_hellaswag(
+            self.model,
+            self._hellaswag_examples,
+            batch_size=cfg.get("batch_size", 16),
+            device=self.device,
+            rank=self.global_rank,
+            world_size=self.trainer.world_size,
+        )
+        n = max(1, counts["n"])
+        # Counts are already summed over ranks, so every rank logs the same value (no sync needed).
+        self.log("val/hellaswag_acc", counts["correct"] / n)
+        self.log("val/hellaswag_acc_norm", counts["correct_norm"] / n)

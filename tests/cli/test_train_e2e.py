@@ -1,0 +1,203 @@
+"""Tiny end-to-end runs of captioner-train on generated shapes data: outputs, exact resume, DDP."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from captioner.cli.train import train
+from captioner.prepare.shapes import prepare_shapes
+from tests.helpers import compose_run, read_metrics
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def shapes_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "shapes"
+    prepare_shapes(
+        out, seed=0, train_tokens=60_000, val_tokens=8_000, n_train_images=48, n_val_images=8, n_hellaswag=24
+    )
+    return out.parent
+
+
+def pretrain_overrides(data_dir, steps: int, *extra: str) -> list[str]:
+    return [
+        f"paths.data_dir={data_dir}",
+        "model.gpt.name=tiny",
+        f"trainer.max_steps={steps}",
+        "model.optim.max_steps=8",  # the schedule is fixed independently of where a run stops
+        "model.optim.warmup_steps=2",
+        "data.seq_len=32",
+        "data.micro_batch_size=4",
+        "data.total_batch_tokens=256",  # accumulation 2
+        "data.val_tokens=1024",
+        "model.hellaswag.batch_size=8",
+        "callbacks.samples.max_new_tokens=4",
+        "val_every_n_steps=2",
+        "ckpt_every_n_steps=2",
+        "trainer.enable_progress_bar=false",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def pretrain_run(shapes_dir, tmp_path_factory):
+    run = tmp_path_factory.mktemp("pretrain") / "run"
+    train(compose_run("demo_pretrain", run, *pretrain_overrides(shapes_dir, 4)))
+    return run
+
+
+def test_pretrain_fit_writes_checkpoint_metrics_plots(pretrain_run):
+    run = pretrain_run
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 4
+    assert "rng_state" in ckpt and any("TokenShardDataModule" in k for k in ckpt)
+    metrics = read_metrics(run / "metrics.csv")
+    for key in (
+        "train/loss",
+        "train/lr",
+        "train/grad_norm",
+        "val/loss",
+        "val/hellaswag_acc",
+        "val/hellaswag_acc_norm",
+        "train/tokens_per_sec",
+    ):
+        assert key in metrics, key
+    assert [s for s, _ in metrics["train/loss"]] == [0, 1, 2, 3]
+    assert (run / "plots" / "loss.png").stat().st_size > 0
+    assert (run / "plots" / "hellaswag.png").stat().st_size > 0
+    assert "## step 2" in (run / "samples.txt").read_text()
+
+
+def test_resume_gives_identical_losses(shapes_dir, tmp_path):
+    full, half = tmp_path / "full", tmp_path / "half"
+    train(compose_run("demo_pretrain", full, *pretrain_overrides(shapes_dir, 6)))
+    train(compose_run("demo_pretrain", half, *pretrain_overrides(shapes_dir, 3, "ckpt_every_n_steps=3")))
+    resumed = tmp_path / "resumed"
+    train(
+        compose_run(
+            "demo_pretrain",
+            resumed,
+            *pretrain_overrides(shapes_dir, 6, f"ckpt_path={half / 'checkpoints' / 'last.ckpt'}"),
+        )
+    )
+    a = dict(read_metrics(full / "metrics.csv")["train/loss"])
+    b = dict(read_metrics(resumed / "metrics.csv")["train/loss"])
+    assert sorted(b) == [3, 4, 5]
+    for step in (3, 4, 5):
+        assert a[step] == pytest.approx(b[step], abs=1e-6), step
+
+
+@pytest.mark.ddp
+def test_two_process_ddp_matches_single_process(shapes_dir, tmp_path):
+    """2 gloo ranks × accumulation 1 see the same global batches as 1 rank × accumulation 2: same losses; and
+    HellaSwag counts summed over ranks cover every example once."""
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    train(compose_run("demo_pretrain", single, *pretrain_overrides(shapes_dir, 3)))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "captioner.cli.train",
+        "experiment=demo_pretrain",
+        f"hydra.run.dir={ddp}",
+        "logger=none",
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+        *pretrain_overrides(shapes_dir, 3),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = read_metrics(single / "metrics.csv"), read_metrics(ddp / "metrics.csv")
+    for (s1, v1), (s2, v2) in zip(a["train/loss"], b["train/loss"], strict=True):
+        assert s1 == s2 and v1 == pytest.approx(v2, abs=1e-4)
+    assert a["val/hellaswag_acc_norm"][-1][1] == pytest.approx(b["val/hellaswag_acc_norm"][-1][1], abs=1e-9)
+    assert a["val/loss"][-1][1] == pytest.approx(b["val/loss"][-1][1], abs=1e-3)
+
+
+def caption_overrides(data_dir, steps: int, *extra: str) -> list[str]:
+    return [
+        f"paths.data_dir={data_dir}",
+        f"trainer.max_steps={steps}",
+        "model.optim.warmup_steps=1",
+        "model.scorers.captions.backend=python",
+        "model.generation.max_new_tokens=8",
+        "data.batch_size=8",
+        "data.val_gen_images=4",
+        "val_every_n_steps=2",
+        "ckpt_every_n_steps=2",
+        "trainer.enable_progress_bar=false",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def standin_clip(shapes_dir):
+    """The demo's stand-in CLIP where demo_caption looks for it (paths.data_dir/shapes/clip), tiny."""
+    from captioner.shapes.clip import train_shapes_clip
+
+    out = shapes_dir / "shapes" / "clip"
+    tiny = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    train_shapes_clip(shapes_dir / "shapes" / "images", out, clip_config=tiny, steps=2)
+    return out
+
+
+@pytest.fixture(scope="module")
+def caption_run(shapes_dir, pretrain_run, standin_clip, tmp_path_factory):
+    run = tmp_path_factory.mktemp("caption") / "run"
+    lm_ckpt = pretrain_run / "checkpoints" / "last.ckpt"
+    train(compose_run("demo_caption", run, *caption_overrides(shapes_dir, 3, f"model.lm.ckpt={lm_ckpt}")))
+    return run
+
+
+def test_caption_fit_writes_checkpoint_metrics_plots_gallery(caption_run, standin_clip):
+    run = caption_run
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 3 and "rng_state" in ckpt
+    # CLIP came from the stand-in directory and stayed frozen: its weights are carried over unchanged.
+    from transformers import CLIPVisionModel
+
+    clip = CLIPVisionModel.from_pretrained(standin_clip).state_dict()
+    for key in ("embeddings.patch_embedding.weight", "encoder.layers.0.mlp.fc1.weight"):
+        assert torch.equal(ckpt["state_dict"][f"model.vision.clip.{key}"], clip[key]), key
+    metrics = read_metrics(run / "metrics.csv")
+    for key in ("train/loss", "val/loss", "val/bleu4", "val/rouge_l", "val/cider", "val/object_acc"):
+        assert key in metrics, key
+    assert (run / "plots" / "loss.png").exists() and (run / "plots" / "captions.png").exists()
+    html = (run / "gallery.html").read_text()
+    assert html.count("data:image/") >= 4 and "cider" in html.lower()
+
+
+def test_caption_cli_on_files_and_folder(caption_run, shapes_dir, capsys):
+    from captioner.cli.caption import main
+
+    val_dir = shapes_dir / "shapes" / "images" / "val"
+    files = sorted(val_dir.iterdir())
+    assert (
+        main(
+            [
+                "--ckpt",
+                str(caption_run / "checkpoints" / "last.ckpt"),
+                "--beams",
+                "2",
+                "--max-new-tokens",
+                "6",
+                str(files[0]),
+                str(val_dir),
+            ]
+        )
+        == 0
+    )
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 + len(files)
+    assert all(line.split("\t")[0].endswith(".png") for line in lines)
+    assert main(["--ckpt", str(caption_run / "checkpoints" / "last.ckpt"), "--json", str(files[0])]) == 0
+    import json
+
+    assert json.loads(capsys.readouterr().out.strip())["path"] == str(files[0])
+    assert main(["--ckpt", "missing.ckpt", str(files[0])]) == 2

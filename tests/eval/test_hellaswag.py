@@ -1,0 +1,245 @@
+"""HellaSwag: download (loopback server), loading/validation, rendering, and the batched scorer vs build-nanogpt's
+one-example-at-a-time loop."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import threading
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from captioner.data.hellaswag import load_examples, render_example
+from captioner.eval.hellaswag import _truncate, ending_losses, evaluate_hellaswag, score_hellaswag
+from captioner.models.gpt import GPT, GPTConfig
+from captioner.prepare.hellaswag import download_hellaswag
+from captioner.tokenizer import gpt2_encoding
+
+EXAMPLES = [
+    {"ctx": "A man is sitting on a roof. he", "label": 3,
+     "endings": ["is using wrap to wrap a pair of skis.", "is ripping level tiles off.",
+                 "is holding a rubik's cube.", "starts pulling up roofing on a roof."]},
+    {"ctx": "A woman", "label": 0, "endings": ["smiles.", "is eating a very large sandwich in the park today.", "runs", "x"]},
+    {"ctx": "The red square is left of the blue circle. The blue circle is", "label": 1,
+     "endings": ["left of the red square.", "right of the red square.", "above", "below the green triangle."]},
+    {"ctx": "Kids play", "label": 2, "endings": ["in", "on the beach with a bright yellow ball", "football", "."]},
+    # longer than the tiny model's block (64 tokens): the context must be cut from the left
+    {"ctx": " ".join(["The cat sat on the mat and looked at the dog."] * 6) + " Then the cat", "label": 2,
+     "endings": ["barked loudly.", "flew away over the hills and far away.", "fell asleep.", "ate the moon."]},
+    {"ctx": "She opens the oven and", "label": 1,
+     "endings": ["takes out a tray of cookies.", "takes out the bread.", "sings.", "closes the door again slowly."]},
+    {"ctx": "Two dogs run across a field", "label": 3, "endings": ["and", "while", "but", "chasing a ball together."]},
+    {"ctx": "He picks up the guitar, tunes it for a while, and then", "label": 0,
+     "endings": ["plays a song.", "eats it.", "throws the guitar out of the window into the rain.", "sleeps"]},
+]  # fmt: skip
+
+
+def write_jsonl(path, examples) -> None:
+    path.write_text("".join(json.dumps(ex) + "\n" for ex in examples))
+
+
+@pytest.fixture
+def hellaswag_file(tmp_path):
+    path = tmp_path / "hellaswag_val.jsonl"
+    write_jsonl(path, EXAMPLES)
+    return path
+
+
+@pytest.fixture
+def tiny_gpt():
+    return GPT(GPTConfig.named("tiny"))
+
+
+def reference_counts_and_preds(model, examples, block_size):
+    """build-nanogpt's loop: one example (4 rows) per forward, mask over ending tokens, argmin of sum / mean loss.
+
+    Rows too long for the model lose tokens from the left, token and mask alike.
+    """
+    enc = gpt2_encoding()
+    preds = []
+    for example in examples:
+        ctx = enc.encode(example["ctx"])
+        tok_rows, mask_rows = [], []
+        for ending in example["endings"]:
+            end = enc.encode(" " + ending)
+            tok_rows.append((ctx + end)[-block_size:])
+            mask_rows.append(([0] * len(ctx) + [1] * len(end))[-block_size:])
+        max_len = max(len(row) for row in tok_rows)
+        tokens = torch.zeros((4, max_len), dtype=torch.long)
+        mask = torch.zeros((4, max_len), dtype=torch.long)
+        for i, (tok_row, mask_row) in enumerate(zip(tok_rows, mask_rows)):
+            tokens[i, : len(tok_row)] = torch.tensor(tok_row)
+            mask[i, : len(mask_row)] = torch.tensor(mask_row)
+        with torch.no_grad():
+            logits, _ = model(tokens)
+        shift_logits = logits[..., :-1, :].contiguous()
+        shift_tokens = tokens[..., 1:].contiguous()
+        losses = F.cross_entropy(
+            shift_logits.view(-1, shift_logits.size(-1)), shift_tokens.view(-1), reduction="none"
+        ).view(4, -1)
+        shift_mask = mask[..., 1:]
+        sum_loss = (losses * shift_mask).sum(dim=1)
+        avg_loss = sum_loss / shift_mask.sum(dim=1)
+        preds.append((sum_loss, avg_loss))
+    correct = sum(int(s.argmin()) == ex["label"] for (s, _), ex in zip(preds, examples))
+    correct_norm = sum(int(a.argmin()) == ex["label"] for (_, a), ex in zip(preds, examples))
+    return {"n": len(examples), "correct": correct, "correct_norm": correct_norm}, preds
+
+
+def test_load_and_render(hellaswag_file):
+    examples = load_examples(hellaswag_file)
+    assert len(examples) == len(EXAMPLES)
+    assert len(load_examples(hellaswag_file, limit=3)) == 3
+    enc = gpt2_encoding()
+    rows, starts = render_example(examples[0], enc)
+    ctx = enc.encode(examples[0]["ctx"])
+    assert len(rows) == 4 and starts == [len(ctx)] * 4
+    for row, ending in zip(rows, examples[0]["endings"]):
+        assert row[: len(ctx)] == ctx and row[len(ctx) :] == enc.encode(" " + ending)
+
+
+def test_batched_scores_equal_one_at_a_time(tiny_gpt):
+    tiny_gpt.train()
+    block_size = tiny_gpt.config.block_size
+    assert len(gpt2_encoding().encode(EXAMPLES[4]["ctx"])) > block_size  # the truncation path is exercised
+    ref_counts, ref_preds = reference_counts_and_preds(tiny_gpt.eval(), EXAMPLES, block_size)
+    tiny_gpt.train()
+
+    counts = score_hellaswag(tiny_gpt, EXAMPLES, batch_size=3)
+    assert counts == ref_counts
+    assert tiny_gpt.training  # train mode restored
+
+    enc = gpt2_encoding()
+    for b in range(0, len(EXAMPLES), 3):
+        chunk = EXAMPLES[b : b + 3]
+        rendered = [_truncate(*render_example(ex, enc), block_size) for ex in chunk]
+        with torch.no_grad():
+            sum_loss, mean_loss = ending_losses(tiny_gpt.eval(), rendered, "cpu")  # (E, 4) each
+        for j, (ref_sum, ref_mean) in enumerate(ref_preds[b : b + 3]):
+            torch.testing.assert_close(sum_loss[j], ref_sum, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(mean_loss[j], ref_mean, rtol=1e-5, atol=1e-5)
+            assert int(sum_loss[j].argmin()) == int(ref_sum.argmin())
+            assert int(mean_loss[j].argmin()) == int(ref_mean.argmin())
+
+
+def test_rank_split_counts_sum_to_world_one(tiny_gpt):
+    whole = score_hellaswag(tiny_gpt, EXAMPLES, batch_size=4)
+    parts = [score_hellaswag(tiny_gpt, EXAMPLES, batch_size=2, rank=r, world_size=2) for r in range(2)]
+    assert [p["n"] for p in parts] == [len(EXAMPLES[0::2]), len(EXAMPLES[1::2])]
+    assert {k: parts[0][k] + parts[1][k] for k in whole} == whole
+
+
+class PrefersToken(nn.Module):
+    """Predicts `token` everywhere with high confidence; `as_tuple` mimics GPT's (logits, loss) return."""
+
+    def __init__(self, token: int, as_tuple: bool, block_size: int = 64):
+        super().__init__()
+        self.config = GPTConfig.named("tiny", block_size=block_size)
+        self.token, self.as_tuple = token, as_tuple
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def forward(self, idx):
+        logits = torch.zeros(*idx.shape, 50257) + self.dummy  # (B, T, V)
+        logits[..., self.token] = 20.0
+        return (logits, None) if self.as_tuple else logits
+
+
+@pytest.mark.parametrize("as_tuple", [True, False])
+def test_model_preferring_right_ending_scores_one(tmp_path, as_tuple):
+    (yes,) = gpt2_encoding().encode(" yes")
+    examples = []
+    for i in range(6):
+        endings = ["no", "maybe so", "no no no", "perhaps"]
+        endings[i % 4] = "yes yes yes" if i % 2 else "yes"  # right ending sometimes longer, sometimes shorter
+        examples.append({"ctx": f"Question {i}: is it", "label": i % 4, "endings": endings})
+    path = tmp_path / "right.jsonl"
+    write_jsonl(path, examples)
+    result = evaluate_hellaswag(PrefersToken(yes, as_tuple), path, batch_size=4)
+    assert result == {"n": 6, "acc": 1.0, "acc_norm": 1.0}
+
+
+@pytest.mark.parametrize(
+    ("line", "needle"),
+    [
+        ('{"label": 0, "endings": ["a", "b", "c", "d"]}', "missing key 'ctx'"),
+        ('{"ctx": "c", "endings": ["a", "b", "c", "d"]}', "missing key 'label'"),
+        ('{"ctx": "c", "label": 0}', "missing key 'endings'"),
+        ('{"ctx": "c", "label": 4, "endings": ["a", "b", "c", "d"]}', "key 'label'"),
+        ('{"ctx": "c", "label": true, "endings": ["a", "b", "c", "d"]}', "key 'label'"),
+        ('{"ctx": "c", "label": 1, "endings": ["a", "b", "c"]}', "key 'endings'"),
+        ('{"ctx": 3, "label": 1, "endings": ["a", "b", "c", "d"]}', "key 'ctx'"),
+        ('{"ctx": "c", "label": 1, ', "invalid JSON"),
+    ],
+)
+def test_validation_errors_name_file_line_and_key(tmp_path, line, needle):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(EXAMPLES[0]) + "\n\n" + line + "\n")
+    with pytest.raises(ValueError, match=r"bad\.jsonl:3: ") as err:
+        load_examples(path)
+    assert needle in str(err.value)
+
+
+def test_missing_file_and_string_labels(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nope\.jsonl"):
+        load_examples(tmp_path / "nope.jsonl")
+    path = tmp_path / "hf_style.jsonl"
+    write_jsonl(path, [{**EXAMPLES[0], "label": "2"}])  # the HF datasets copy stores labels as strings
+    assert load_examples(path)[0]["label"] == 2
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def test_download_is_cached_and_atomic(tmp_path):
+    served = tmp_path / "served"
+    served.mkdir()
+    write_jsonl(served / "hellaswag_val.jsonl", EXAMPLES)
+    handler = functools.partial(QuietHandler, directory=served)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    base_url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        out = tmp_path / "data"
+        path = download_hellaswag(out, "val", base_url=base_url)
+        assert path == out / "hellaswag_val.jsonl"
+        assert path.read_bytes() == (served / "hellaswag_val.jsonl").read_bytes()
+        with pytest.raises(OSError):  # a 404 leaves no partial file behind
+            download_hellaswag(out, "train", base_url=base_url)
+        assert sorted(p.name for p in out.iterdir()) == ["hellaswag_val.jsonl"]
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert download_hellaswag(out, "val", base_url=base_url) == path  # cached: no server needed
+    with pytest.raises(ValueError, match="split"):
+        download_hellaswag(out, "dev")
+
+
+def _ddp_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        torch.manual_seed(0)
+        model = GPT(GPTConfig.named("tiny"))
+        counts = score_hellaswag(model, EXAMPLES, batch_size=3, rank=rank, world_size=world_size)
+        with open(f"{out_dir}/rank{rank}.json", "w") as f:
+            json.dump(counts, f)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.ddp
+def test_ddp_counts_are_all_reduced(tmp_path):
+    torch.manual_seed(0)
+    whole = score_hellaswag(GPT(GPTConfig.named("tiny")), EXAMPLES, batch_size=3)
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    for rank in range(2):  # every rank returns the totals, equal to the single-process counts
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == whole
