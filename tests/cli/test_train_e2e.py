@@ -201,3 +201,25 @@ def test_caption_cli_on_files_and_folder(caption_run, shapes_dir, capsys):
 
     assert json.loads(capsys.readouterr().out.strip())["path"] == str(files[0])
     assert main(["--ckpt", "missing.ckpt", str(files[0])]) == 2
+
+
+def test_a_built_wheel_trains_from_any_directory(shapes_dir, tmp_path):
+    """`pip install .` (not editable) carries configs/ inside the package: captioner-train then runs from a
+    directory that has no configs/ and no checkout."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    pip = [sys.executable, "-m", "pip", "-q"]
+    build = tmp_path / "build"
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(build), root], check=True)
+    (wheel,) = build.glob("captioner-*.whl")
+    site = tmp_path / "site"
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    run = tmp_path / "run"
+    code = "import sys, captioner.cli.train as t; assert t.__file__.startswith(sys.argv.pop(1)); t.main()"
+    args = ["experiment=demo_pretrain", f"hydra.run.dir={run}", "logger=none", "validate_at_end=false"]
+    args += pretrain_overrides(shapes_dir, 2, "val_every_n_steps=100", "model.hellaswag.path=null")
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    cmd = [sys.executable, "-c", code, str(site), *args]
+    subprocess.run(cmd, cwd=elsewhere, env=env, check=True, capture_output=True, text=True)
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
