@@ -1,7 +1,8 @@
 """The package's structure, checked from its source: imports go one way along the layers, no cycles, small files.
 
 Layers (README, "Architecture"): core → models → data → eval → training → cli, with prepare/ and shapes/ on the
-side (they may use core, models, data and eval; prepare may use shapes; neither is used by training).
+side (they may use core, models, data and eval; prepare may use shapes; neither is used by training), and the
+trained model's API (captioner.load, captioner.api, captioner.server) beside training, using core, models, data.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ def layer_of(module: str) -> str:
     if module in CORE:
         return "core"
     parts = module.split(".")
-    if module == "captioner" or parts[1] == "api":
-        return "api"
+    if module == "captioner" or parts[1] in ("api", "server"):
+        return "api"  # captioner.load and the caption server: a trained model's users, beside training
     return parts[1]
 
 
