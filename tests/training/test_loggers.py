@@ -22,3 +22,28 @@ def test_resuming_into_the_same_dir_keeps_history_before_the_checkpoint(tmp_path
     assert [int(r["step"]) for r in got] == [0, 1, 2, 3, 4]
     assert [float(r["train/loss"]) for r in got] == [10.0, 9.0, 8.0, 7.0, 1.5]
     assert got[-1]["val/loss"] == "2.0" and got[0]["val/loss"] == ""
+
+
+def test_one_wandb_run_per_run_dir_across_resumes(tmp_path, monkeypatch):
+    from captioner.training.loggers import RunWandbLogger, wandb_logged_in, wandb_run_id
+
+    first = tmp_path / "first"
+    run_id = wandb_run_id(first)
+    assert (first / "wandb" / "run_id").read_text().strip() == run_id
+    assert wandb_run_id(first) == run_id  # resumed in the same run dir
+    ckpt = first / "checkpoints" / "last.ckpt"
+    assert wandb_run_id(tmp_path / "second", resume_from=ckpt) == run_id  # ckpt_path= into a new run dir
+    assert (tmp_path / "second" / "wandb" / "run_id").read_text().strip() == run_id
+    assert wandb_run_id(tmp_path / "third") != run_id  # a fresh run is a new wandb run
+
+    logger = RunWandbLogger(save_dir=str(tmp_path / "second"), resume_from=str(ckpt), offline=True, project="p")
+    assert logger._wandb_init["id"] == run_id and logger._wandb_init["resume"] == "allow"
+
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "")
+    assert not wandb_logged_in()  # no key anywhere: offline
+    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password abc\n")
+    assert wandb_logged_in()  # `wandb login` wrote the key: online
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert not wandb_logged_in()

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 import hydra
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from captioner.data.feature_cache import check_cache_fits
+from captioner.data.hellaswag import load_examples
 from captioner.models.gpt import load_checkpoint
 from captioner.optim import parameter_counts
+from captioner.training.base import DivergedError
 from captioner.training.callbacks.plots import plot_metrics
 from captioner.training.loggers import truncate_metrics_after
 
@@ -52,8 +57,10 @@ def build_module(model: DictConfig) -> L.LightningModule:
     return hydra.utils.get_class(kwargs.pop("_target_"))(**kwargs)
 
 
-def check_feature_cache(cfg: DictConfig) -> None:
-    """Cached CLIP outputs stand in for a frozen CLIP only: refuse a cache that cannot match the model."""
+def check_inputs(cfg: DictConfig, datamodule: L.LightningDataModule) -> None:
+    """Everything a run reads that can be checked before the model is built and the loggers start: the data
+    (shards, annotations, images), the feature cache, the HellaSwag file, the checkpoint to resume."""
+    datamodule.setup("fit")
     features_dir = cfg.data.get("features_dir")
     if features_dir:
         check_cache_fits(
@@ -62,6 +69,37 @@ def check_feature_cache(cfg: DictConfig) -> None:
             clip=cfg.model.vision.get("clip"),
             trainable=cfg.model.trainable,
         )
+    hellaswag = cfg.model.get("hellaswag") or {}
+    if hellaswag.get("path"):
+        load_examples(hellaswag.path, limit=hellaswag.get("limit"))
+    if cfg.ckpt_path:
+        check_resume_checkpoint(cfg.ckpt_path, caption="lm" in cfg.model)
+
+
+def check_resume_checkpoint(path: str, caption: bool) -> None:
+    """`ckpt_path` must be a checkpoint of the same stage as the run."""
+    hparams = load_checkpoint(path).get("hyper_parameters") or {}
+    if caption and "lm" not in hparams:
+        raise ValueError(
+            f"ckpt_path={path} is a stage-1 (language model) checkpoint, not a caption run's: to start a caption "
+            f"run from it use model.lm.ckpt={path} (ckpt_path resumes a caption run)"
+        )
+    if not caption and "lm" in hparams:
+        raise ValueError(f"ckpt_path={path} is a caption run's checkpoint; this is a stage-1 (pretrain) run")
+
+
+def log_run_config(trainer: L.Trainer, cfg: DictConfig) -> None:
+    """Send what actually runs to every logger: the resolved config and what captioner-train derived from it."""
+    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+    derived = {
+        "experiment": choices.get("experiment", cfg.get("name")),
+        "world_size": trainer.world_size,
+        "accumulate_grad_batches": trainer.accumulate_grad_batches,
+        "val_check_interval": trainer.val_check_interval,
+    }
+    config = OmegaConf.to_container(cfg, resolve=True)
+    for logger in trainer.loggers:
+        logger.log_hyperparams({"run": derived, "config": config})
 
 
 def train(cfg: DictConfig) -> dict:
@@ -70,7 +108,7 @@ def train(cfg: DictConfig) -> dict:
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere+ for whatever runs outside autocast
     run_dir = Path(cfg.paths.run_dir)
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
-    check_feature_cache(cfg)
+    check_inputs(cfg, datamodule)
     module = build_module(cfg.model)
     loggers = instantiate_all(cfg.get("logger"))
     if cfg.ckpt_path:
@@ -81,6 +119,7 @@ def train(cfg: DictConfig) -> dict:
         callbacks=instantiate_all(cfg.get("callbacks")),
     )
     derive_step_settings(trainer, datamodule, cfg)
+    log_run_config(trainer, cfg)
     log.info(
         "run dir %s | world size %d | accumulation %d",
         run_dir,
@@ -114,9 +153,38 @@ def _print_summary(trainer: L.Trainer, run_dir: Path) -> None:
     print(f"metrics:     {metrics}")
 
 
+def experiments() -> list[str]:
+    return sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
+
+
+# Mistakes a user can fix from the message alone: shown as one line, no traceback (HYDRA_FULL_ERROR=1 shows it).
+USER_ERRORS = (
+    FileNotFoundError,
+    NotADirectoryError,
+    ValueError,
+    KeyError,
+    DivergedError,
+    OmegaConfBaseException,
+)
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def _hydra_main(cfg: DictConfig) -> None:
-    train(cfg)
+    if HydraConfig.get().runtime.choices.get("experiment") is None:
+        print(
+            "captioner-train: choose an experiment: captioner-train experiment=NAME [overrides…]\n"
+            f"  experiments: {', '.join(experiments())}   (captioner-train --help lists every option)",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    try:
+        train(cfg)
+    except USER_ERRORS as err:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"captioner-train: {message}", file=sys.stderr)
+        sys.exit(1 if isinstance(err, DivergedError) else 2)
 
 
 def main() -> None:

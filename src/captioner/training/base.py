@@ -27,6 +27,11 @@ class OptimConfig:
     max_steps: int = 19073
     min_lr_ratio: float = 0.1
     gate_lr_mult: float = 1.0  # lr multiplier of the cross-attention gates (stage 2)
+    max_skipped_steps: int = 3  # consecutive non-finite steps (each skipped) before the run stops
+
+
+class DivergedError(RuntimeError):
+    """Training stopped: too many consecutive optimizer steps had a non-finite loss or gradient norm."""
 
 
 def rng_state() -> dict:
@@ -53,13 +58,22 @@ def set_rng_state(state: dict) -> None:
 
 class TrainingModule(L.LightningModule):
     """Base for both stages: owns the optimizer recipe, logs lr and the pre-clip gradient norm once per optimizer
-    step, logs the accumulation-averaged train loss (as build-nanogpt prints it), and checkpoints RNG state."""
+    step, logs the accumulation-averaged train loss (as build-nanogpt prints it), and checkpoints RNG state.
+
+    Non-finite guard: an optimizer step whose loss or gradient norm is not finite (on any rank) is skipped — its
+    gradients are dropped, so AdamW leaves weights and moments untouched — and counted (`train/skipped_steps`);
+    after `optim.max_skipped_steps` such steps in a row the run stops with DivergedError. Weights therefore never
+    take a non-finite update, and every checkpoint holds the last good ones.
+    """
 
     def __init__(self, optim: dict | None = None):
         super().__init__()
         self.optim_cfg = OptimConfig(**(optim or {}))
         self._loss_sum = 0.0
         self._loss_count = 0
+        self._loss_finite = True
+        self._skipped_total = 0
+        self._skipped_in_a_row = 0
 
     def trainable_module(self) -> torch.nn.Module:
         raise NotImplementedError
@@ -84,8 +98,11 @@ class TrainingModule(L.LightningModule):
         self._loss_count += 1
 
     def on_before_optimizer_step(self, optimizer) -> None:
+        self._loss_finite = True
         if self._loss_count:
-            self.log("train/loss", self._loss_sum / self._loss_count, on_step=True, sync_dist=True)
+            loss = self._loss_sum / self._loss_count
+            self.log("train/loss", loss, on_step=True, sync_dist=True)
+            self._loss_finite = bool(torch.isfinite(loss))
         self._loss_sum, self._loss_count = 0.0, 0
         self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True)
 
@@ -99,6 +116,36 @@ class TrainingModule(L.LightningModule):
             params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
             norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         self.log("train/grad_norm", norm, on_step=True)
+        self._guard_nonfinite(optimizer, norm)
+
+    def _guard_nonfinite(self, optimizer, norm: torch.Tensor) -> None:
+        # One host sync per optimizer step (not per micro-batch); every rank takes the same decision, so DDP
+        # replicas stay identical.
+        bad = not (self._loss_finite and bool(torch.isfinite(norm)))
+        if self._trainer is not None:
+            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if not bad:
+            self._skipped_in_a_row = 0
+        else:
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None  # AdamW skips parameters without a gradient: no update, no moment change
+            self._skipped_total += 1
+            self._skipped_in_a_row += 1
+        self.log("train/skipped_steps", float(self._skipped_total), on_step=True)
+        if self._skipped_in_a_row >= self.optim_cfg.max_skipped_steps:
+            raise DivergedError(self._diverged_message())
+
+    def _diverged_message(self) -> str:
+        step = self.global_step + 1  # the optimizer step being taken
+        last = next(
+            (cb.last_model_path for cb in self.trainer.checkpoint_callbacks if cb.last_model_path), None
+        )
+        return (
+            f"step {step}: the loss or gradient norm was not finite for {self._skipped_in_a_row} optimizer steps in "
+            f"a row (each skipped, weights untouched); stopping. Last good checkpoint: {last or 'none saved yet'}. "
+            "Lower model.optim.lr (or raise model.optim.warmup_steps) and resume with ckpt_path=<that checkpoint>."
+        )
 
     def on_fit_start(self) -> None:
         counts = parameter_counts(self)
@@ -127,7 +174,9 @@ class TrainingModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["rng_state"] = rng_state()
+        checkpoint["skipped_steps"] = self._skipped_total
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "rng_state" in checkpoint:
             set_rng_state(checkpoint["rng_state"])
+        self._skipped_total = int(checkpoint.get("skipped_steps", 0))

@@ -1,4 +1,5 @@
-"""A CSV logger that survives resuming into the same run dir.
+"""Loggers that live with a run directory across resumes: a CSV logger that survives resuming into the same run
+dir, and a wandb logger that continues one wandb run per run dir.
 
 Lightning's CSVLogger deletes an existing metrics.csv when it starts; a resumed run (`ckpt_path=…` with the same
 `hydra.run.dir`) would lose the history its plots need. This one keeps the rows logged before the checkpoint's
@@ -8,12 +9,15 @@ step and drops the later ones (they are about to be recomputed), so the file rea
 from __future__ import annotations
 
 import csv
+import netrc
 import os
+import secrets
+from pathlib import Path
 
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
-from captioner.io import atomic_path
+from captioner.io import atomic_path, save_text
 
 
 class _KeepingWriter(ExperimentWriter):
@@ -52,3 +56,51 @@ def truncate_metrics_after(loggers: list, step: int) -> None:
     for logger in loggers:
         if isinstance(logger, ResumableCSVLogger):
             logger.truncate_from(step)
+
+
+RUN_ID_FILE = "wandb/run_id"
+
+
+def wandb_run_id(save_dir: str | os.PathLike, resume_from: str | os.PathLike | None = None) -> str:
+    """The wandb run id of a run directory, kept in <save_dir>/wandb/run_id so that every resume continues the
+    same wandb run: the id of this run dir, else that of the run a resumed checkpoint comes from
+    (<run dir>/checkpoints/x.ckpt), else a new one. Written atomically into this run dir."""
+    own = Path(save_dir) / RUN_ID_FILE
+    candidates = [own]
+    if resume_from:
+        candidates.append(Path(resume_from).resolve().parent.parent / RUN_ID_FILE)
+    run_id = next((p.read_text().strip() for p in candidates if p.is_file()), None) or secrets.token_hex(4)
+    if not own.is_file() or own.read_text().strip() != run_id:
+        save_text(own, run_id + "\n")
+    return run_id
+
+
+def wandb_logged_in() -> bool:
+    """Whether wandb would run online: WANDB_MODE=online, or an API key (WANDB_API_KEY or `wandb login`'s netrc
+    entry) with no WANDB_MODE saying otherwise. Read locally: no network."""
+    mode = os.environ.get("WANDB_MODE", "").lower()
+    if mode in ("offline", "dryrun", "disabled"):
+        return False
+    if mode == "online" or os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc_file = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return netrc.netrc(netrc_file).authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+class RunWandbLogger(WandbLogger):
+    """`WandbLogger` for a run directory: one wandb run per run dir, resumes included (`wandb_run_id`), online
+    when the user is logged in and offline otherwise unless `offline` says which (`logger.wandb.offline=true`)."""
+
+    def __init__(
+        self,
+        save_dir: str,
+        resume_from: str | None = None,
+        offline: bool | None = None,
+        **kwargs,
+    ):
+        run_id = wandb_run_id(save_dir, resume_from)
+        offline = not wandb_logged_in() if offline is None else offline
+        super().__init__(save_dir=save_dir, id=run_id, resume="allow", offline=offline, **kwargs)
