@@ -36,7 +36,9 @@ def test_one_wandb_run_per_run_dir_across_resumes(tmp_path, monkeypatch):
     assert (tmp_path / "second" / "wandb" / "run_id").read_text().strip() == run_id
     assert wandb_run_id(tmp_path / "third") != run_id  # a fresh run is a new wandb run
 
-    logger = RunWandbLogger(save_dir=str(tmp_path / "second"), resume_from=str(ckpt), offline=True, project="p")
+    logger = RunWandbLogger(
+        save_dir=str(tmp_path / "second"), resume_from=str(ckpt), offline=True, project="p"
+    )
     assert logger._wandb_init["id"] == run_id and logger._wandb_init["resume"] == "allow"
 
     monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
@@ -47,3 +49,16 @@ def test_one_wandb_run_per_run_dir_across_resumes(tmp_path, monkeypatch):
     assert wandb_logged_in()  # `wandb login` wrote the key: online
     monkeypatch.setenv("WANDB_MODE", "offline")
     assert not wandb_logged_in()
+
+
+def test_best_values_keep_the_lowest_loss_and_highest_scores():
+    from captioner.training.loggers import best_values
+
+    summary = {}
+    for metrics in (
+        {"val/loss": 2.0, "val/cider": 0.5, "train/loss": 9.0},
+        {"val/loss": 2.5, "val/cider": 0.7},
+    ):
+        summary.update(best_values(summary, metrics))
+    assert summary == {"best/val/loss": 2.0, "best/val/cider": 0.7}
+    assert best_values(summary, {"val/loss": float("nan")}) == {}

@@ -7,9 +7,11 @@ Shapes: B batch, T caption length, C n_embd, N image tokens, D CLIP width.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -220,10 +222,18 @@ def load_pretrained_weights(model: Captioner, lm: dict, vision: dict) -> None:
 
 CAPTIONER_KEYS = ("lm", "vision", "cross_every", "trainable")
 
+# An exported captioner directory (`captioner-export`): plain-data config + safetensors weights, no pickle.
+CONFIG_FILE = "captioner.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT = "captioner"  # config["format"]: lets a reader tell our directory from a transformers one
+
 
 def load_captioner(path: str | os.PathLike) -> tuple[Captioner, dict]:
-    """A trained captioner from a caption run's Lightning checkpoint, on the CPU in eval mode, and the checkpoint's
-    hyper-parameters (generation settings included). Needs no LightningModule."""
+    """A trained captioner, on the CPU in eval mode, and its hyper-parameters (generation settings included),
+    from a caption run's Lightning checkpoint or a directory written by `save_captioner`. Needs no
+    LightningModule."""
+    if Path(path).is_dir():
+        return _load_captioner_dir(Path(path))
     ckpt = load_checkpoint(path)
     hparams = ckpt.get("hyper_parameters") or {}
     if not all(key in hparams for key in CAPTIONER_KEYS):
@@ -235,8 +245,70 @@ def load_captioner(path: str | os.PathLike) -> tuple[Captioner, dict]:
     model = build_captioner(**{key: hparams[key] for key in CAPTIONER_KEYS})
     weights = {
         key.removeprefix("model."): value
-        for key, value in ckpt["state_dict"].items()
+        for key, value in (ckpt.get("state_dict") or {}).items()
         if key.startswith("model.")
     }
     model.load_state_dict(weights)
     return model.eval(), dict(hparams)
+
+
+def captioner_config(hparams: dict) -> dict:
+    """What rebuilds a captioner, as plain data: its shape, freeze policy and generation settings. Where the
+    weights first came from (`lm.ckpt`, `lm.hf`, `vision.clip`) is left out: the weights file holds them all."""
+    return {
+        "format": FORMAT,
+        "version": 1,
+        "lm": {"config": dict(hparams["lm"]["config"])},
+        "vision": {"clip": None, "clip_config": dict(hparams["vision"]["clip_config"])},
+        "cross_every": hparams["cross_every"],
+        "trainable": list(hparams["trainable"]),
+        "generation": dict(hparams.get("generation") or {}),
+    }
+
+
+def save_captioner(model: Captioner, hparams: dict, directory: str | os.PathLike) -> None:
+    """Write `model` into an existing directory as CONFIG_FILE + WEIGHTS_FILE (`load_captioner` reads it back).
+    The caller makes the directory appear atomically (`captioner.models.export`)."""
+    from safetensors.torch import save_model
+
+    directory = Path(directory)
+    config = captioner_config(hparams)
+    try:
+        text = json.dumps(config, indent=2)
+    except TypeError as err:  # a hyper-parameter that is not plain data
+        raise ValueError(f"captioner config is not plain data ({err})") from None
+    (directory / CONFIG_FILE).write_text(text + "\n")
+    # save_model, not save_file: it stores the tied wte/lm_head matrix once and load_model re-ties it
+    save_model(model, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+
+
+def _load_captioner_dir(path: Path) -> tuple[Captioner, dict]:
+    from safetensors.torch import load_model
+
+    config_file, weights_file = path / CONFIG_FILE, path / WEIGHTS_FILE
+    if not config_file.is_file():
+        hint = "; it looks like a transformers model (load it with GPT.from_pretrained)"
+        raise FileNotFoundError(
+            f"{path}: no {CONFIG_FILE}, not an exported captioner{hint if (path / 'config.json').is_file() else ''}"
+        )
+    try:
+        config = json.loads(config_file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{config_file}: not valid JSON ({err})") from None
+    if (
+        not isinstance(config, dict)
+        or config.get("format") != FORMAT
+        or not all(k in config for k in CAPTIONER_KEYS)
+    ):
+        raise ValueError(
+            f"{config_file}: not a captioner config (needs format {FORMAT!r}, {', '.join(CAPTIONER_KEYS)})"
+        )
+    if not weights_file.is_file():
+        raise FileNotFoundError(f"{path}: {WEIGHTS_FILE} is missing")
+    model = build_captioner(**{key: config[key] for key in CAPTIONER_KEYS})
+    missing, unexpected = load_model(model, weights_file, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"{weights_file}: weights do not fit the config; missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    return model.eval(), config

@@ -104,3 +104,22 @@ class RunWandbLogger(WandbLogger):
         run_id = wandb_run_id(save_dir, resume_from)
         offline = not wandb_logged_in() if offline is None else offline
         super().__init__(save_dir=save_dir, id=run_id, resume="allow", offline=offline, **kwargs)
+
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        super().log_metrics(metrics, step)
+        best = best_values(dict(self.experiment.summary), metrics)
+        if best:
+            self.experiment.summary.update(best)
+
+
+def best_values(summary: dict, metrics: dict) -> dict:
+    """`best/<name>` summary entries that `metrics` improve on: lowest loss, highest of every other val score."""
+    out = {}
+    for name, value in metrics.items():
+        if not name.startswith("val/") or not isinstance(value, (int, float)) or value != value:  # NaN
+            continue
+        key, lower = f"best/{name}", name.endswith("loss")
+        old = summary.get(key)
+        if old is None or (value < old if lower else value > old):
+            out[key] = value
+    return out
