@@ -1,22 +1,26 @@
-"""`captioner-caption --ckpt CKPT IMAGE_OR_DIR… [--beams N] [--max-new-tokens N] [--json]`."""
+"""`captioner-caption --ckpt CKPT_OR_DIR IMAGE_OR_DIR… [--beams N] [--max-new-tokens N] [--json]`: one line
+per image, `<path>\\t<caption>`, or with --json `{"path": …, "caption": …}` (plus `"image_id"` for COCO file
+names, so the lines make a COCO results file). Unreadable images are skipped with a message on stderr."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
 import torch
 
-from captioner.models.captioner import load_captioner
-from captioner.models.vision import ClipPreprocess
+from captioner.api import UnreadableImage, load
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+# 000000000139.jpg (COCO 2017) and COCO_val2014_000000000139.jpg (COCO 2014) are both image 139
+COCO_NAME = re.compile(r"(?:COCO_[a-z]+\d{4}_)?(\d+)")
 
 
 def collect_images(inputs: list[str]) -> list[Path]:
-    """Files as given, folders expanded to their images (sorted, non-recursive); a missing path is an error."""
+    """Files as named, folders expanded to their images (sorted, not recursive); a missing path raises."""
     paths = []
     for item in map(Path, inputs):
         if item.is_dir():
@@ -28,45 +32,60 @@ def collect_images(inputs: list[str]) -> list[Path]:
     return paths
 
 
+def coco_image_id(path: Path) -> int | None:
+    match = COCO_NAME.fullmatch(path.stem)
+    return int(match.group(1)) if match else None
+
+
+def output_line(path: Path, caption: str, as_json: bool) -> str:
+    if as_json:
+        record = {"path": str(path), "caption": caption}
+        if (image_id := coco_image_id(path)) is not None:
+            record["image_id"] = image_id
+        return json.dumps(record)
+    return f"{path}\t{' '.join(caption.split())}"  # a newline or tab in a caption would break the format
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="captioner-caption", description=__doc__)
-    parser.add_argument("--ckpt", required=True, help="a caption run's checkpoint (.ckpt)")
+    parser.add_argument(
+        "--ckpt", required=True, help="a caption run's checkpoint (.ckpt) or exported directory"
+    )
     parser.add_argument("images", nargs="+", help="image files and/or folders of images")
-    parser.add_argument("--beams", type=int, default=3, help="beam size (1 = greedy)")
-    parser.add_argument("--max-new-tokens", type=int, default=30)
+    parser.add_argument("--beams", type=int, default=None, help="beam size, 1 = greedy (default: as trained)")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: as trained")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
-    parser.add_argument("--json", action="store_true", help="JSON lines {path, caption} instead of TSV")
+    parser.add_argument(
+        "--json", action="store_true", help="JSON lines {path, caption[, image_id]} instead of TSV"
+    )
     args = parser.parse_args(argv)
+    if (args.beams is not None and args.beams < 1) or args.batch_size < 1:
+        parser.error("--beams and --batch-size must be ≥ 1")
+    generation = {} if args.max_new_tokens is None else {"max_new_tokens": args.max_new_tokens}
 
     try:
         paths = collect_images(args.images)
-        model, _ = load_captioner(args.ckpt)
+        model = load(args.ckpt, device=args.device)
     except (OSError, ValueError) as err:
         print(f"captioner-caption: {err}", file=sys.stderr)
         return 2
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model.to(device)
-    preprocess = ClipPreprocess(model.vision.image_size)
-    method = {"method": "greedy"} if args.beams == 1 else {"method": "beam", "num_beams": args.beams}
 
+    # decoded here rather than by model.caption, to skip an unreadable image instead of stopping at it
     for start in range(0, len(paths), args.batch_size):
         chunk, pixels = [], []
         for path in paths[start : start + args.batch_size]:
-            image = preprocess(path)  # None: unreadable, truncated or a decompression bomb
-            if image is None:
-                print(f"captioner-caption: skipping unreadable image {path}", file=sys.stderr)
+            try:
+                pixels.append(model.preprocess(path))
+            except UnreadableImage as err:
+                print(f"captioner-caption: skipping {err}", file=sys.stderr)
                 continue
-            pixels.append(image)
             chunk.append(path)
         if not chunk:
             continue
-        captions = model.caption(torch.stack(pixels).to(device), max_new_tokens=args.max_new_tokens, **method)
+        captions = model.caption_pixels(torch.stack(pixels), args.beams, **generation)  # (B, 3, S, S) in
         for path, caption in zip(chunk, captions, strict=True):
-            if args.json:
-                print(json.dumps({"path": str(path), "caption": caption}))
-            else:
-                print(f"{path}\t{caption}")
+            print(output_line(path, caption, args.json), flush=True)
     return 0
 
 

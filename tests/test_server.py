@@ -1,0 +1,232 @@
+"""The caption server on a real socket: the page, /health, /caption answering as the API does,
+concurrent requests batched onto the model (grouped by beam count), every kind of bad upload refused with a
+4xx JSON message while the server keeps serving, the `captioner-serve` command itself, and (where chromium
+exists) the page in a browser."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+
+import captioner
+from captioner.api import open_image
+from captioner.cli.serve import main
+from captioner.server import create_app
+from tests.test_api import bomb_png, image_bytes, noise_image, write_checkpoint
+
+MAX_UPLOAD = 100_000
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    return write_checkpoint(tmp_path_factory.mktemp("model") / "last.ckpt")
+
+
+@pytest.fixture(scope="module")
+def model(ckpt):
+    return captioner.load(ckpt, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def url(model):
+    """The server on a free localhost port, uvicorn in a thread (the socket is bound here: no port race)."""
+    app = create_app(model, max_batch=8, max_upload_bytes=MAX_UPLOAD)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server.should_exit = True
+    thread.join(timeout=30)
+
+
+@pytest.fixture
+def client(url):
+    with httpx.Client(base_url=url, timeout=60) as client:
+        yield client
+
+
+def upload(data: bytes, name: str = "photo.png", kind: str = "image/png") -> dict:
+    return {"image": (name, data, kind)}
+
+
+PNG = image_bytes(noise_image(0))
+
+
+def decoded(data: bytes):
+    return open_image(io.BytesIO(data))
+
+
+def served(client) -> dict:
+    return client.get("/health").json()["served"]
+
+
+def test_the_page_and_health(client, ckpt):
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    for part in ('id="drop"', 'type="file"', 'id="beams"', 'id="preview"', 'id="caption"', 'id="error"'):
+        assert part in page.text
+    health = client.get("/health").json()
+    assert health["status"] == "ok" and health["max_batch"] == 8 and health["max_upload_bytes"] == MAX_UPLOAD
+    assert health["model"]["source"] == str(ckpt) and health["model"]["device"] == "cpu"
+    assert health["model"]["generation"] == {"method": "greedy", "max_new_tokens": 8}
+    assert set(health["served"]) == {"requests", "batches", "largest_batch"}
+
+
+def test_a_caption_is_what_the_api_says(client, model):
+    jpeg = image_bytes(noise_image(1), "JPEG")
+    for data, name, beams in ((PNG, "a.png", None), (jpeg, "b.jpg", None), (PNG, "a.png", 3), (jpeg, "b", 1)):
+        fields = {} if beams is None else {"beams": str(beams)}
+        response = client.post("/caption", files=upload(data, name), data=fields)
+        assert response.status_code == 200, response.text
+        assert response.json() == {"caption": model.caption(decoded(data), beams=beams)[0]}
+
+
+async def post_all(url: str, jobs: list[tuple[bytes, int | None]]) -> list[httpx.Response]:
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        return await asyncio.gather(
+            *(
+                client.post(
+                    "/caption", files=upload(data), data={} if beams is None else {"beams": str(beams)}
+                )
+                for data, beams in jobs
+            )
+        )
+
+
+def test_concurrent_requests_are_batched_and_grouped_by_beams(client, url, model):
+    images = [image_bytes(noise_image(seed)) for seed in range(8)]
+    before = served(client)
+    responses = asyncio.run(post_all(url, [(data, None) for data in images]))
+    after = served(client)
+    assert [r.status_code for r in responses] == [200] * 8
+    assert [r.json()["caption"] for r in responses] == [model.caption(decoded(d))[0] for d in images]
+    assert after["requests"] - before["requests"] == 8
+    batches = after["batches"] - before["batches"]
+    assert batches < 8 and after["largest_batch"] > 1, f"8 concurrent requests took {batches} model calls"
+
+    mixed = [(data, 1 + i % 2) for i, data in enumerate(images)]  # greedy and 2 beams, interleaved
+    responses = asyncio.run(post_all(url, mixed))
+    assert [r.json()["caption"] for r in responses] == [
+        model.caption(decoded(d), beams=b)[0] for d, b in mixed
+    ]
+    assert served(client)["batches"] - after["batches"] >= 2  # a batch decodes with one beam count
+
+
+def chunked(body: bytes):
+    """A request body without Content-Length: the server only learns its size by reading it."""
+    for start in range(0, len(body), 16384):
+        yield body[start : start + 16384]
+
+
+def multipart(data: bytes) -> bytes:
+    head = b'--B\r\nContent-Disposition: form-data; name="image"; filename="big.png"\r\n'
+    return head + b"Content-Type: image/png\r\n\r\n" + data + b"\r\n--B--\r\n"
+
+
+BAD_UPLOADS = {
+    "no image field": (dict(data={"other": "1"}), 400, "missing multipart form field 'image'"),
+    "no body": ({}, 400, "missing multipart form field 'image'"),
+    "image as text": (dict(data={"image": "cat.jpg"}), 400, "must be a file upload"),
+    "empty file": (dict(files=upload(b"")), 400, "empty"),
+    "two files": (dict(files=[("image", ("a.png", PNG)), ("image", ("b.png", PNG))]), 400, "Too many files"),
+    "not an image": (dict(files=upload(b"%PDF-1.4 hello", "doc.pdf")), 415, "doc.pdf: not an image"),
+    "truncated": (dict(files=upload(PNG[: len(PNG) // 2], "cut.png")), 400, "cut.png: corrupt or truncated"),
+    "too large": (dict(files=upload(b"\0" * 2 * MAX_UPLOAD)), 413, "larger than the limit"),
+    "too large, chunked": (
+        dict(
+            content=chunked(multipart(b"\0" * 3 * MAX_UPLOAD)),
+            headers={"content-type": "multipart/form-data; boundary=B"},
+        ),
+        413,
+        "larger than the limit",
+    ),
+    "bomb (PIL warns)": (dict(files=upload(bomb_png(12_000), "bomb.png")), 413, "bomb.png: too many pixels"),
+    "bomb (PIL raises)": (dict(files=upload(bomb_png(20_000), "bomb.png")), 413, "bomb.png: too many pixels"),
+    "beams not a number": (
+        dict(files=upload(PNG), data={"beams": "many"}),
+        400,
+        "beams must be a whole number",
+    ),
+    "beams 0": (dict(files=upload(PNG), data={"beams": "0"}), 400, "beams must be a whole number"),
+    "beams too many": (dict(files=upload(PNG), data={"beams": "9"}), 400, "from 1 \\(greedy\\) to 8"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_UPLOADS)
+def test_a_bad_upload_gets_a_4xx_json_message_and_the_server_keeps_serving(client, case):
+    request, status, message = BAD_UPLOADS[case]
+    response = client.post("/caption", **request)
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    assert re.search(message, response.json()["error"]), response.json()
+    good = client.post("/caption", files=upload(PNG))
+    assert good.status_code == 200 and "caption" in good.json()
+
+
+def test_other_methods_and_paths_answer_json(client):
+    assert client.get("/caption").status_code == 405
+    missing = client.get("/nothing-here")
+    assert missing.status_code == 404 and missing.json() == {"error": "Not Found"}
+
+
+def test_captioner_serve_serves_and_reports_a_bad_model_in_one_line(ckpt, tmp_path, capsys):
+    assert main(["--model", str(tmp_path / "missing.ckpt")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "checkpoint not found" in err and "missing.ckpt" in err
+
+    command = [str(Path(sys.executable).parent / "captioner-serve"), "--model", str(ckpt), "--port", "0"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen([*command, "--max-batch", "3"], stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        for line in process.stderr:  # uvicorn logs the port it got
+            if "Uvicorn running on " in line:
+                url = line.split("Uvicorn running on ")[1].split()[0]
+                break
+        else:
+            pytest.fail(f"captioner-serve exited with {process.wait()}")
+        with httpx.Client(base_url=url, timeout=60) as client:
+            assert client.get("/health").json()["max_batch"] == 3
+            assert client.post("/caption", files=upload(PNG)).status_code == 200
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"no browser at {CHROMIUM}")
+def test_the_page_runs_in_a_browser(url, ckpt):
+    """Headless chromium renders the page and its script fills in the model line from /health."""
+    with tempfile.TemporaryDirectory() as profile:
+        flags = [
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            f"--user-data-dir={profile}",
+        ]
+        dom = subprocess.run(
+            [CHROMIUM, *flags, "--virtual-time-budget=5000", "--dump-dom", f"{url}/"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        ).stdout
+    assert str(ckpt) in dom and "parameters" in dom, dom[-2000:]
