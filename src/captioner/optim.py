@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -12,6 +13,16 @@ def parameter_counts(module: nn.Module) -> dict[str, int]:
     """{"trainable": n, "frozen": n} parameter counts (a tied weight counts once)."""
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     return {"trainable": trainable, "frozen": sum(p.numel() for p in module.parameters()) - trainable}
+
+
+def weights_fingerprint(module: nn.Module) -> str:
+    """A cheap digest of every weight (name, shape, sum, sum of |w|): tells apart models that share a name but not
+    their weights (a refreshed last.ckpt, a randomly initialised CLIP)."""
+    digest = hashlib.sha256()
+    for name, p in module.state_dict().items():
+        p = p.detach().double()
+        digest.update(f"{name}{tuple(p.shape)}{p.sum().item():.10e}{p.abs().sum().item():.10e}".encode())
+    return digest.hexdigest()[:16]
 
 
 def param_groups(module: nn.Module, weight_decay: float, lr: float, gate_lr_mult: float = 1.0) -> list[dict]:

@@ -1,9 +1,10 @@
-"""`captioner-eval`: captions and hellaswag subcommands end to end, and user errors → exit code 2."""
+"""`captioner-eval`: captions, hellaswag and coco subcommands end to end, and user errors → exit code 2."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from captioner.eval.caption_metrics import METRICS
 from captioner.eval.hellaswag import evaluate_hellaswag
 from captioner.models.gpt import GPT, GPTConfig
 from tests.eval.test_caption_metrics import write_coco
+from tests.eval.test_coco_split import make_world, write_caption_checkpoint
 from tests.eval.test_hellaswag import EXAMPLES, write_jsonl
 
 
@@ -80,11 +82,74 @@ def test_missing_files_exit_2_without_traceback(tmp_path, tiny_ckpt, capsys, com
     assert captured.out == ""
 
 
+@pytest.fixture(scope="module")
+def shapes_coco(tmp_path_factory):
+    """(a tiny shapes world's COCO-layout root, a caption checkpoint), never written to."""
+    out = tmp_path_factory.mktemp("shapes")
+    make_world(out)
+    write_caption_checkpoint(out / "caption.ckpt", {"method": "beam", "num_beams": 3, "max_new_tokens": 6})
+    return out / "images", out / "caption.ckpt"
+
+
+def test_coco_end_to_end_then_captions_scores_its_file(tmp_path, shapes_coco, capsys, monkeypatch):
+    world, ckpt = shapes_coco
+    root = shutil.copytree(world, tmp_path / "coco")
+    monkeypatch.setenv("CAPTIONER_DATA_DIR", str(tmp_path))  # the default root is $CAPTIONER_DATA_DIR/coco
+    argv = ["coco", "--ckpt", str(ckpt), "--split", "val", "--beams", "1", "--num-workers", "0"]
+    assert main([*argv, "--batch-size", "4", "--backend", "python"]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out.strip().splitlines()[-1])
+    assert tuple(result)[: len(METRICS)] == METRICS
+    assert (result["n"], result["skipped"]) == (6, 0) and result["images_per_sec"] > 0
+    pred = root / "results" / "val_caption.json"
+    assert str(pred) in captured.err and "images/s" in captured.err
+
+    ann = root / "annotations" / "captions_val.json"
+    assert main(["captions", "--pred", str(pred), "--ann", str(ann), "--backend", "python"]) == 0
+    assert last_json(capsys) == {key: result[key] for key in METRICS}
+
+
+@pytest.mark.parametrize("problem", ["root", "annotations", "ckpt", "stage1-ckpt", "device"])
+def test_coco_user_errors_exit_2_without_traceback(tmp_path, shapes_coco, tiny_ckpt, capsys, problem):
+    world, ckpt = shapes_coco
+    root = world
+    if problem == "root":
+        root = tmp_path / "no-root"
+    elif problem == "annotations":
+        root = tmp_path / "empty"
+        root.mkdir()
+    elif problem == "ckpt":
+        ckpt = tmp_path / "missing.ckpt"
+    elif problem == "stage1-ckpt":
+        ckpt = tiny_ckpt[0]
+    device = "cuda" if problem == "device" else "cpu"
+    if problem == "device" and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    out = tmp_path / "results.json"
+    argv = ["coco", "--ckpt", str(ckpt), "--root", str(root), "--split", "val", "--out", str(out)]
+    assert main([*argv, "--device", device, "--backend", "python"]) == 2
+    captured = capsys.readouterr()
+    expected = {
+        "root": "no-root",
+        "annotations": "captions_val.json",
+        "ckpt": "missing.ckpt",
+        "stage1-ckpt": "caption checkpoint",
+        "device": "CUDA is not available",
+    }[problem]
+    assert expected in captured.err and "Traceback" not in captured.err
+    assert captured.out == "" and not out.exists()
+
+
 def test_bad_arguments_exit_2(capsys):
     for argv in (
         ["hellaswag"],
         ["hellaswag", "--ckpt", "a", "--hf", "b"],
         ["hellaswag", "--hf", "x", "--limit", "0"],
+        ["coco"],
+        ["coco", "--ckpt", "c", "--beams", "0"],
+        ["coco", "--ckpt", "c", "--batch-size", "0"],
+        ["coco", "--ckpt", "c", "--num-workers", "-1"],
+        ["coco", "--ckpt", "c", "--backend", "java"],
     ):
         with pytest.raises(SystemExit) as exit_info:
             main(argv)

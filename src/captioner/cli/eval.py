@@ -1,4 +1,5 @@
-"""`captioner-eval {hellaswag,captions}`: score a language model on HellaSwag, or a captions results file.
+"""`captioner-eval {hellaswag,captions,coco}`: score a language model on HellaSwag, a captions results file, or a
+captioner on a whole COCO-format split.
 
 The last stdout line is always one JSON object, so scripts can read it with `tail -n 1`.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -40,10 +42,42 @@ def _captions(args) -> dict:
     return overall
 
 
+def _coco(args) -> dict:
+    from captioner.eval.coco_split import evaluate_split
+
+    root = args.root or Path(os.environ.get("CAPTIONER_DATA_DIR", "data")) / "coco"
+    result = evaluate_split(
+        args.ckpt,
+        root,
+        args.split,
+        out=args.out,
+        beams=args.beams,
+        batch_size=args.batch_size,
+        device=args.device,
+        backend=args.backend,
+        num_workers=args.num_workers,
+    )
+    print(f"captioner-eval coco: results in {result.results_path} ({result.source})", file=sys.stderr)
+    speed = result.images_per_sec
+    extra = {
+        "n": result.n,
+        "skipped": result.skipped,
+        "images_per_sec": None if speed is None else round(speed, 2),
+    }
+    return {**result.scores, **extra}
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
     return value
 
 
@@ -66,6 +100,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ann", required=True, help="COCO captions json (e.g. captions_val2017.json)")
     p.add_argument("--backend", choices=("auto", "pycocoevalcap", "python"), default="auto")
     p.set_defaults(func=_captions)
+
+    p = sub.add_parser("coco", help="caption a whole COCO-format split with a captioner and score it")
+    p.add_argument("--ckpt", required=True, help="caption checkpoint (.ckpt) or exported captioner directory")
+    p.add_argument(
+        "--root",
+        help="holds <split>/ and annotations/captions_<split>.json (default: $CAPTIONER_DATA_DIR/coco or data/coco)",
+    )
+    p.add_argument("--split", default="val2017", help="val2017 (COCO; default) or val (the shapes world)")
+    p.add_argument("--out", help="COCO results json (default: <root>/results/<split>_<ckpt stem>.json)")
+    p.add_argument(
+        "--beams", type=_positive_int, default=None, help="beam size (1 = greedy; default: checkpoint's)"
+    )
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="images per generate call")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
+    p.add_argument("--backend", choices=("auto", "pycocoevalcap", "python"), default="auto")
+    p.add_argument(
+        "--num-workers",
+        type=_non_negative_int,
+        default=None,
+        help="image decoding processes (default: up to 4; none with a feature cache)",
+    )
+    p.set_defaults(func=_coco)
     return parser
 
 

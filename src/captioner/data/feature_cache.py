@@ -11,7 +11,6 @@ Shapes: B images, N image tokens (50 for ViT-B/32), D CLIP width (768 for ViT-B/
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -24,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from captioner.data.coco_format import load_captions
 from captioner.io import save_json
 from captioner.models.vision import ClipPreprocess
+from captioner.optim import weights_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -35,16 +35,12 @@ def encoder_identity(encoder, image_size: int) -> dict:
 
     The fingerprint matters for randomly initialised CLIPs, which share a name (none) but not their weights.
     """
-    digest = hashlib.sha256()
-    for name, p in encoder.clip.state_dict().items():
-        p = p.detach().double()
-        digest.update(f"{name}{tuple(p.shape)}{p.sum().item():.10e}{p.abs().sum().item():.10e}".encode())
     return {
         "clip": encoder.clip.config.name_or_path or None,
         "hidden_size": int(encoder.hidden_size),
         "num_tokens": int(encoder.num_tokens),
         "image_size": int(image_size),
-        "fingerprint": digest.hexdigest()[:16],
+        "fingerprint": weights_fingerprint(encoder.clip),
     }
 
 

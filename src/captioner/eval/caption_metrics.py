@@ -103,7 +103,7 @@ def ptb_tokenize(text: str) -> str:
     return " ".join(t for t in tokens if t not in PUNCTUATIONS)
 
 
-def _tokenize_java(captions: dict) -> dict:
+def tokenize_java(captions: dict) -> dict:
     """pycocoevalcap's PTBTokenizer on {key: [caption, ...]} (one Java process for everything)."""
     # PTBTokenizer aligns captions to output lines, so a caption must not contain a line break of its own.
     packed = {key: [{"caption": " ".join(c.splitlines())} for c in caps] for key, caps in captions.items()}
@@ -164,7 +164,7 @@ def score_captions(
             raise ValueError(f"image_id {image_id!r} has a prediction but no reference captions")
     ids = sorted(predictions)
     if backend == "pycocoevalcap":
-        tokens = _tokenize_java(
+        tokens = tokenize_java(
             {**{("ref", i): references[i] for i in ids}, **{("hyp", i): [predictions[i]] for i in ids}}
         )
         gts = {i: tokens[("ref", i)] for i in ids}

@@ -237,7 +237,9 @@ def load_captioner(path: str | os.PathLike) -> tuple[Captioner, dict]:
     ckpt = load_checkpoint(path)
     hparams = ckpt.get("hyper_parameters") or {}
     if not all(key in hparams for key in CAPTIONER_KEYS):
-        kind = "a stage-1 (language model) checkpoint" if "gpt" in hparams or "model" in hparams else "not"
+        kind = (
+            "a stage-1 (language model) checkpoint, not" if "gpt" in hparams or "model" in hparams else "not"
+        )
         raise ValueError(
             f"{path}: {kind} a caption checkpoint (hyper_parameters need {', '.join(CAPTIONER_KEYS)}); "
             "pass the last.ckpt of a caption run"
