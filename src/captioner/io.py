@@ -1,4 +1,5 @@
-"""Atomic writes: every file the project produces appears whole or not at all (temp file + rename)."""
+"""Where data lives, and atomic writes: every file the project produces appears whole or not at all (temp file +
+rename)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+
+
+def data_dir(*parts: str) -> Path:
+    """`$CAPTIONER_DATA_DIR/<parts>` (default `data/`): the CLIs' default paths, as configs/paths/default.yaml."""
+    return Path(os.environ.get("CAPTIONER_DATA_DIR", "data"), *parts)
 
 
 @contextlib.contextmanager

@@ -154,3 +154,13 @@ def test_bad_arguments_exit_2(capsys):
         with pytest.raises(SystemExit) as exit_info:
             main(argv)
         assert exit_info.value.code == 2
+
+
+def test_default_paths_follow_captioner_data_dir(tmp_path, monkeypatch):
+    from captioner.cli.prepare import build_parser
+
+    monkeypatch.setenv("CAPTIONER_DATA_DIR", str(tmp_path / "elsewhere"))
+    args = build_parser().parse_args(["coco"])
+    assert str(args.root) == str(tmp_path / "elsewhere" / "coco")
+    args = build_parser().parse_args(["shapes-clip"])
+    assert str(args.images) == str(tmp_path / "elsewhere" / "shapes" / "images")

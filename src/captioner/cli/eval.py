@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
+
+from captioner.io import data_dir
 
 
 def _hellaswag(args) -> dict:
@@ -25,7 +26,7 @@ def _hellaswag(args) -> dict:
         raise ValueError("--device cuda requested but CUDA is not available")
     if args.ckpt and not Path(args.ckpt).is_file():
         raise FileNotFoundError(f"checkpoint not found: {args.ckpt}")
-    data = Path(args.data) if args.data else download_hellaswag(Path("data/hellaswag"), split="val")
+    data = Path(args.data) if args.data else download_hellaswag(data_dir("hellaswag"), split="val")
     if not data.is_file():
         raise FileNotFoundError(f"HellaSwag file not found: {data}")
     model = GPT.from_lightning_checkpoint(args.ckpt) if args.ckpt else GPT.from_pretrained(args.hf)
@@ -45,7 +46,7 @@ def _captions(args) -> dict:
 def _coco(args) -> dict:
     from captioner.eval.coco_split import evaluate_split
 
-    root = args.root or Path(os.environ.get("CAPTIONER_DATA_DIR", "data")) / "coco"
+    root = args.root or data_dir("coco")
     result = evaluate_split(
         args.ckpt,
         root,
@@ -89,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--ckpt", help="stage-1 Lightning checkpoint (.ckpt)")
     source.add_argument("--hf", help="HF GPT-2: hub name (e.g. gpt2) or a save_pretrained directory")
-    p.add_argument("--data", help="HellaSwag-format jsonl (default: download val into data/hellaswag/)")
+    p.add_argument(
+        "--data", help="HellaSwag-format jsonl (default: download val into $CAPTIONER_DATA_DIR/hellaswag/)"
+    )
     p.add_argument("--limit", type=_positive_int, default=None, help="score only the first N examples")
     p.add_argument("--batch-size", type=_positive_int, default=16, help="examples per forward pass")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")

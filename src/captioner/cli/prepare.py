@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from captioner.io import data_dir
+
 
 def _fineweb(args) -> None:
     from captioner.prepare.fineweb import prepare_fineweb
@@ -84,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("fineweb", help="tokenize FineWeb-Edu (or local parquet/jsonl) into uint16 shards")
-    p.add_argument("--out", default="data/edu_fineweb10B")
+    p.add_argument("--out", default=data_dir("edu_fineweb10B"))
     p.add_argument("--files", nargs="+", default=None, help="local .parquet/.jsonl files instead of the hub")
     p.add_argument("--dataset", default="HuggingFaceFW/fineweb-edu")
     p.add_argument("--name", default="sample-10BT")
@@ -95,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_fineweb)
 
     p = sub.add_parser("coco", help="download/verify/extract COCO 2017; optionally cache CLIP features")
-    p.add_argument("--root", default="data/coco")
+    p.add_argument("--root", default=data_dir("coco"))
     p.add_argument(
         "--source", default=None, help="an existing COCO copy (zips or extracted) instead of downloading"
     )
@@ -108,12 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_coco)
 
     p = sub.add_parser("hellaswag", help="download the HellaSwag val jsonl (rowanz/hellaswag)")
-    p.add_argument("--out", default="data/hellaswag")
+    p.add_argument("--out", default=data_dir("hellaswag"))
     p.add_argument("--split", default="val", choices=["train", "val", "test"])
     p.set_defaults(func=_hellaswag)
 
     p = sub.add_parser("shapes", help="generate the embedded shapes world (text shards, HellaSwag, images)")
-    p.add_argument("--out", default="data/shapes")
+    p.add_argument("--out", default=data_dir("shapes"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-tokens", type=int, default=3_000_000)
     p.add_argument("--train-images", type=int, default=4000)
@@ -124,9 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
         "shapes-clip",
         help="pretrain the tiny CLIP the shapes demo uses in place of openai/clip-vit-base-patch32",
     )
-    p.add_argument("--images", default="data/shapes/images", help="the shapes world's COCO-format images")
     p.add_argument(
-        "--out", default="data/shapes/clip", help="a save_pretrained directory (model.vision.clip)"
+        "--images", default=data_dir("shapes", "images"), help="the shapes world's COCO-format images"
+    )
+    p.add_argument(
+        "--out", default=data_dir("shapes", "clip"), help="a save_pretrained directory (model.vision.clip)"
     )
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch-size", type=int, default=32)
