@@ -3,9 +3,11 @@ validate its caption annotations, and optionally build the CLIP feature cache.""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+import time
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -101,52 +103,98 @@ def prepare_coco(
     unknown = [s for s in splits if s not in COCO_SPLITS]
     if unknown:
         raise ValueError(f"unknown COCO split(s) {unknown}; expected some of {COCO_SPLITS}")
-    root.mkdir(parents=True, exist_ok=True)
-    for name in [f"{split}.zip" for split in splits] + [ANNOTATIONS_ZIP]:
-        top = _archive_top(name)
-        if _is_done(root, top):
-            log.info("%s: already in place", root / top)
-            continue
-        if source is not None:
-            _use_source(Path(source), root, name, top, splits)
-            continue
-        if (root / top).exists():
-            raise FileExistsError(
-                f"{root / top} exists but was not written by captioner-prepare; remove it, or pass "
-                f"source={root} to use it as it is"
+    with _progress_log():
+        start = time.perf_counter()
+        origin = f"from the copy in {source}" if source is not None else "downloading what is missing"
+        log.info("COCO 2017 %s into %s, %s", " + ".join(splits), root, origin)
+        root.mkdir(parents=True, exist_ok=True)
+        names = [f"{split}.zip" for split in splits] + [ANNOTATIONS_ZIP]
+        for i, name in enumerate(names, 1):
+            top = _archive_top(name)
+            step = f"[{i}/{len(names)}] {name}"
+            if _is_done(root, top):
+                log.info("%s: already in place (%s)", step, root / top)
+                continue
+            if source is not None:
+                _use_source(Path(source), root, name, top, splits, step)
+                continue
+            if (root / top).exists():
+                raise FileExistsError(
+                    f"{root / top} exists but was not written by captioner-prepare; remove it, or pass "
+                    f"source={root} to use it as it is"
+                )
+            log.info("%s: downloading %s into %s", step, COCO_URLS[name], root / "downloads")
+            zip_path = download(COCO_URLS[name], root / "downloads" / name, retries=retries)
+            try:
+                _verify(zip_path, step)
+            except ValueError as err:
+                zip_path.unlink()  # a fresh download is the only fix
+                raise ValueError(f"{err}; deleted it, re-run to download it again") from err
+            _extract(zip_path, root, top, step)
+            if not keep_zips:
+                zip_path.unlink()
+                log.info("%s: deleted the zip (%s)", step, zip_path)
+        summary = []
+        for split in splits:
+            index = load_captions(root, split)
+            summary.append(f"{split}: {len(index.image_ids):,} images, {len(index.caption_image):,} captions")
+            log.info("annotations valid, %s", summary[-1])
+        if features:
+            out_dir = Path(features_dir) if features_dir else root / "features"
+            _build_features(
+                root, splits, out_dir, clip=clip, device=device, batch_size=batch_size, workers=num_workers
             )
-        zip_path = download(COCO_URLS[name], root / "downloads" / name, retries=retries)
-        try:
-            check_zip(zip_path)
-        except ValueError as err:
-            zip_path.unlink()  # a fresh download is the only fix
-            raise ValueError(f"{err}; deleted it, re-run to download it again") from err
-        extract_zip(zip_path, root, top)
-        if not keep_zips:
-            zip_path.unlink()
-    for split in splits:
-        index = load_captions(root, split)
-        log.info("%s: %d images, %d captions", split, len(index.image_ids), len(index.caption_image))
-    if features:
-        out_dir = Path(features_dir) if features_dir else root / "features"
-        _build_features(
-            root, splits, out_dir, clip=clip, device=device, batch_size=batch_size, workers=num_workers
-        )
+            summary.append(f"CLIP features in {out_dir}")
+        log.info("COCO ready in %s (%.0f s): %s", root, time.perf_counter() - start, "; ".join(summary))
 
 
-def _use_source(source: Path, root: Path, name: str, top: str, splits: Sequence[str]) -> None:
+@contextlib.contextmanager
+def _progress_log():
+    """Show this package's INFO lines (these steps, the feature cache's) on stderr while preparing, unless the
+    caller has set logging up (then its handlers and levels decide): `captioner-prepare` configures none."""
+    package = logging.getLogger("captioner")
+    if package.hasHandlers():
+        yield
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    level = package.level
+    package.addHandler(handler)
+    package.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        package.removeHandler(handler)
+        package.setLevel(level)
+
+
+def _verify(zip_path: Path, step: str) -> None:
+    log.info(
+        "%s: verifying %s (%.1f GB, the CRC of every member)", step, zip_path, zip_path.stat().st_size / 1e9
+    )
+    check_zip(zip_path)
+
+
+def _extract(zip_path: Path, root: Path, top: str, step: str) -> None:
+    start = time.perf_counter()
+    extract_zip(zip_path, root, top)
+    log.info("%s: extracted into %s (%.0f s)", step, root / top, time.perf_counter() - start)
+
+
+def _use_source(source: Path, root: Path, name: str, top: str, splits: Sequence[str], step: str) -> None:
     """Bring one archive's directory from an existing copy: symlink an extracted one, or verify + extract a zip."""
     if _source_dir_ok(source / top, top, splits):
         if (source / top).resolve() != (root / top).resolve():
             if (root / top).is_symlink():
                 (root / top).unlink()  # a stale link from an earlier source
             (root / top).symlink_to((source / top).resolve(), target_is_directory=True)
+        log.info("%s: using the extracted copy %s", step, source / top)
         return
     if (source / name).is_file():
-        check_zip(source / name)
+        _verify(source / name, step)
         if (root / top).exists():
             raise FileExistsError(f"{root / top} exists but was not written by captioner-prepare; remove it")
-        extract_zip(source / name, root, top)
+        _extract(source / name, root, top, step)
         return
     raise FileNotFoundError(
         f"source {source}: neither {source / top}/ (extracted) nor {source / name} (zip) is there"
@@ -155,8 +203,10 @@ def _use_source(source: Path, root: Path, name: str, top: str, splits: Sequence[
 
 def _build_features(root, splits, out_dir, *, clip, device, batch_size, workers) -> None:
     # The cache holds `encode` outputs (CLIP's own tokens): the projection and its width play no part.
+    log.info("CLIP features: loading %s", clip)
     encoder = VisionEncoder(768, clip=clip).requires_grad_(False)
     for split in splits:
+        log.info("CLIP features of %s on %s into %s", split, device, out_dir)
         build_feature_cache(
             encoder,
             root,

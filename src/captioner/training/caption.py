@@ -9,6 +9,7 @@ shapes demo adds object accuracy). The module keeps the predictions and scores o
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 
 import hydra
@@ -67,8 +68,74 @@ class CaptionModule(TrainingModule):
     def trainable_module(self) -> torch.nn.Module:
         return self.model
 
-    def flops_per_token(self) -> float:
-        return self.model.lm.flops_per_token()
+    def flops_per_batch(self, batch) -> torch.Tensor:
+        """Training FLOPs of one micro-batch (ThroughputCallback's MFU), counted for the work that actually runs.
+
+        Per parameter and token (PaLM appendix B's 6N, part by part): 2 for the forward, +2 for the weight
+        gradient if it trains, +2 for the input gradient where backward goes on below it (something before it
+        trains). With the default freeze policy the LM blocks before the first cross-attention layer count 2,
+        the later frozen blocks and the tied output layer 4, cross-attention and projection 6; CLIP counts 2 per
+        image token when the batch carries pixels, nothing when it carries cached features. Attention adds
+        4·T·C per token and layer forward (4·N·C for cross-attention), ×3 where backward runs through it.
+        Padding positions count (the blocks compute them) except in the output layer, which the loss runs on
+        targets only; that count stays a tensor on the device, so counting adds no host sync. Biases and norms
+        count as matmul parameters, as in 6N (a few % at width 32; 0.1 % at GPT-2 124M + ViT-B/32).
+        """
+        terms = self._flops_terms
+        B, T = batch["input_ids"].shape  # (B, T)
+        N = self.model.vision.num_tokens
+        flops = B * T * (terms["text"] + terms["text_attn"] * T + terms["cross_attn"] * N)
+        flops += B * N * terms["image"]
+        if "pixel_values" in batch:
+            flops += B * N * (terms["clip"] + terms["clip_attn"] * N)
+        return terms["head"] * (batch["labels"] != -100).sum() + flops
+
+    @functools.cached_property
+    def _flops_terms(self) -> dict[str, int]:
+        """Per-token FLOPs of each part of `flops_per_batch` (attention terms per token of sequence length),
+        read once from the model: its freeze policy is fixed at construction."""
+        lm, vision = self.model.lm, self.model.vision
+        C, D, clip_layers = lm.config.n_embd, vision.hidden_size, vision.clip.config.num_hidden_layers
+
+        def size(params) -> int:
+            return sum(p.numel() for p in params)
+
+        def trains(module: torch.nn.Module) -> bool:
+            return any(p.requires_grad for p in module.parameters())
+
+        def factor(trained: bool, grad_in: bool) -> int:  # forward, weight gradient, input gradient
+            return 2 + 2 * trained + 2 * grad_in
+
+        def passes(f: int) -> int:  # attention has no weights: forward, plus backward (2x) wherever it runs
+            return 1 if f == 2 else 3
+
+        clip, proj = vision.clip_parameters(), vision.proj
+        clip_trains = any(p.requires_grad for p in clip)
+        f = factor(clip_trains, clip_trains)  # a trained CLIP's layers pass gradients down to its patches
+        terms = {"clip": f * size(clip), "clip_attn": passes(f) * 4 * clip_layers * D}
+        terms["image"] = factor(trains(proj), clip_trains) * size(proj.parameters())
+        context_grad = clip_trains or trains(proj)
+        grad = trains(lm.transformer.wte)  # wpe trains with it: both belong to the "lm" part
+        terms.update(text=0, text_attn=0, cross_attn=0)
+        for i, block in enumerate(lm.transformer.h):
+            f = factor(trains(block), grad)
+            terms["text"] += f * size(block.parameters())
+            terms["text_attn"] += passes(f) * 4 * C
+            grad = grad or trains(block)
+            if str(i) in lm.cross:
+                layer = lm.cross[str(i)]
+                trained = trains(layer)
+                kv = size(layer.c_kv.parameters())  # keys/values run on the image tokens
+                q = size(layer.ln_1.parameters()) + size(layer.c_q.parameters())  # below the attention
+                rest = size(layer.parameters()) - kv - q  # past the attention: gradient from text or image
+                f = factor(trained, trained or grad or context_grad)
+                terms["text"] += factor(trained, grad) * q + f * rest
+                terms["cross_attn"] += passes(f) * 4 * C
+                terms["image"] += factor(trained, context_grad) * kv
+                grad = grad or trained or context_grad
+        terms["text"] += factor(trains(lm.transformer.ln_f), grad) * size(lm.transformer.ln_f.parameters())
+        terms["head"] = factor(trains(lm.lm_head), grad) * lm.lm_head.weight.numel()
+        return terms
 
     def load_pretrained(self) -> None:
         load_pretrained_weights(self.model, self.hparams.lm, self.hparams.vision)

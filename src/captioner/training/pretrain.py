@@ -44,8 +44,11 @@ class PretrainModule(TrainingModule):
     def trainable_module(self) -> torch.nn.Module:
         return self.model
 
-    def flops_per_token(self) -> float:
-        return self.model.flops_per_token()
+    def flops_per_batch(self, batch) -> float:
+        """Training FLOPs of one micro-batch (ThroughputCallback's MFU): everything trains, so 6N + attention
+        per token (`GPT.flops_per_token`) at the batch's own sequence length."""
+        x, _ = batch  # (B, T)
+        return self.model.flops_per_token(x.size(1)) * x.numel()
 
     def configure_model(self) -> None:
         if self.compile_model and self._compiled is None:
