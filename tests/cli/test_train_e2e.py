@@ -69,6 +69,9 @@ def test_pretrain_fit_writes_checkpoint_metrics_plots(pretrain_run):
     ):
         assert key in metrics, key
     assert [s for s, _ in metrics["train/loss"]] == [0, 1, 2, 3]
+    # all ranks' tokens: 2 micro-batches of 4 × 32 per optimizer step
+    assert [v for _, v in metrics["train/tokens_seen"]] == [256.0, 512.0, 768.0, 1024.0]
+    assert [v for _, v in metrics["train/skipped_steps"]] == [0.0] * 4
     assert (run / "plots" / "loss.png").stat().st_size > 0
     assert (run / "plots" / "hellaswag.png").stat().st_size > 0
     assert "## step 2" in (run / "samples.txt").read_text()
@@ -168,6 +171,11 @@ def test_caption_fit_writes_checkpoint_metrics_plots_gallery(caption_run, standi
     metrics = read_metrics(run / "metrics.csv")
     for key in ("train/loss", "val/loss", "val/bleu4", "val/rouge_l", "val/cider", "val/object_acc"):
         assert key in metrics, key
+    gates = [k for k in metrics if k.startswith("gates/")]  # tanh of every cross-attention layer's two gates
+    assert len(gates) == 2 * len(
+        {k.split(".")[3] for k in ckpt["state_dict"] if k.startswith("model.lm.cross.")}
+    )
+    assert all(-1 <= v <= 1 for k in gates for _, v in metrics[k])
     assert (run / "plots" / "loss.png").exists() and (run / "plots" / "captions.png").exists()
     html = (run / "gallery.html").read_text()
     assert html.count("data:image/") >= 4 and "cider" in html.lower()

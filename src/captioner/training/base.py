@@ -74,6 +74,7 @@ class TrainingModule(L.LightningModule):
         self._loss_finite = True
         self._skipped_total = 0
         self._skipped_in_a_row = 0
+        self._tokens_seen = 0  # all ranks, whole run: an x-axis comparable across batch sizes and resumes
 
     def trainable_module(self) -> torch.nn.Module:
         raise NotImplementedError
@@ -93,9 +94,11 @@ class TrainingModule(L.LightningModule):
         )
         return {"optimizer": opt, "lr_scheduler": sched}
 
-    def accumulate_loss(self, loss: torch.Tensor) -> None:
+    def accumulate_loss(self, loss: torch.Tensor, tokens: int) -> None:
+        """One micro-batch's loss, and its `tokens` (input positions) for the tokens-seen axis."""
         self._loss_sum = self._loss_sum + loss.detach()
         self._loss_count += 1
+        self._tokens_seen += tokens * (self.trainer.world_size if self._trainer is not None else 1)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         self._loss_finite = True
@@ -105,6 +108,7 @@ class TrainingModule(L.LightningModule):
             self._loss_finite = bool(torch.isfinite(loss))
         self._loss_sum, self._loss_count = 0.0, 0
         self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True)
+        self.log("train/tokens_seen", float(self._tokens_seen), on_step=True)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         # Log the total norm before clipping, as build-nanogpt prints it; clip only when configured.
@@ -175,8 +179,10 @@ class TrainingModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["rng_state"] = rng_state()
         checkpoint["skipped_steps"] = self._skipped_total
+        checkpoint["tokens_seen"] = self._tokens_seen
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "rng_state" in checkpoint:
             set_rng_state(checkpoint["rng_state"])
         self._skipped_total = int(checkpoint.get("skipped_steps", 0))
+        self._tokens_seen = int(checkpoint.get("tokens_seen", 0))

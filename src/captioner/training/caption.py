@@ -158,7 +158,7 @@ class CaptionModule(TrainingModule):
     def training_step(self, batch, batch_idx):
         self._count_skipped(batch)
         loss = self._loss(batch)
-        self.accumulate_loss(loss)
+        self.accumulate_loss(loss, batch["input_ids"].numel())
         return loss
 
     def validation_step(self, batch, batch_idx, dataloader_idx: int = PAIRS):
@@ -232,6 +232,13 @@ class CaptionModule(TrainingModule):
                 self.log(f"val/{name}", float(value))
         self.val_scores = {"step": self.global_step, **{k: v for k, v in overall.items() if v is not None}}
         self.val_predictions = [{**item, "scores": per_image.get(item["image_id"], {})} for item in items]
+        self._log_gates()
+
+    def _log_gates(self) -> None:
+        """How far each cross-attention layer lets the image in: tanh of its attention and MLP gates."""
+        for layer, cross in self.model.lm.cross.items():
+            self.log(f"gates/attn_{layer}", float(cross.attn_gate.detach().tanh()))
+            self.log(f"gates/ff_{layer}", float(cross.ff_gate.detach().tanh()))
 
     def score(self, items: list[dict]) -> tuple[dict, dict[int, dict]]:
         """Every configured scorer on generated items; their overall and per-image scores merged."""

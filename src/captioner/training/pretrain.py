@@ -59,7 +59,7 @@ class PretrainModule(TrainingModule):
         x, y = batch  # (B, T) int64 each
         forward = self._compiled if self._compiled is not None else self.model
         _, loss = forward(x, y)
-        self.accumulate_loss(loss)
+        self.accumulate_loss(loss, x.numel())
         return loss
 
     def validation_step(self, batch, batch_idx):
