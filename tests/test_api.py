@@ -18,10 +18,10 @@ import torch
 from PIL import Image
 
 import captioner
-from captioner.api import CaptionModel, UnreadableImage, open_image
+from captioner.api import CaptionModel
 from captioner.models.captioner import Captioner, build_captioner, save_captioner
 from captioner.models.gpt import GPTConfig
-from captioner.models.vision import ClipPreprocess
+from captioner.models.vision import ClipPreprocess, UnreadableImage, open_image
 from tests.helpers import TINY_CLIP
 
 GENERATION = {"method": "greedy", "max_new_tokens": 8}

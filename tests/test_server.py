@@ -22,8 +22,8 @@ import pytest
 import uvicorn
 
 import captioner
-from captioner.api import open_image
 from captioner.cli.serve import main
+from captioner.models.vision import open_image
 from captioner.server import create_app
 from tests.test_api import bomb_png, image_bytes, noise_image, write_checkpoint
 

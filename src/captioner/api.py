@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import os
-import warnings
 from collections.abc import Iterable
 from typing import IO
 
@@ -19,49 +18,9 @@ import torch
 from PIL import Image
 
 from captioner.models.captioner import Captioner, load_captioner
-from captioner.models.vision import ClipPreprocess
+from captioner.models.vision import ClipPreprocess, open_image
 
 ImageLike = Image.Image | str | os.PathLike | IO[bytes]
-
-# why an image could not be decoded; the server answers each with its own status code
-REASONS = {
-    "missing": "no such file",
-    "not_an_image": "not an image (unknown format)",
-    "truncated": "corrupt or truncated image",
-    "too_many_pixels": "too many pixels",
-}
-
-
-class UnreadableImage(ValueError):
-    """An image that cannot be decoded: `reason` is a key of REASONS, `name` the file or upload it is."""
-
-    def __init__(self, name: str, reason: str, detail: str = ""):
-        self.name, self.reason = name, reason
-        super().__init__(f"{name}: {REASONS[reason]}" + (f" ({detail})" if detail else ""))
-
-
-def open_image(source: str | os.PathLike | IO[bytes], name: str | None = None) -> Image.Image:
-    """Decode an image file (path or binary file object) fully into RGB, or raise UnreadableImage.
-
-    Unlike `models.vision.load_image` (None for any failure: training skips such files) this says what went
-    wrong, so the server can answer a truncated upload differently from a bomb. PIL only warns between
-    MAX_IMAGE_PIXELS and twice that; the warning is raised so that bombs are refused at the limit itself.
-    """
-    name = name or str(source)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(source) as img:
-                img.load()  # Image.open reads only the header: truncation shows up here
-                return img.convert("RGB")
-    except (FileNotFoundError, IsADirectoryError):
-        raise UnreadableImage(name, "missing") from None
-    except Image.UnidentifiedImageError:
-        raise UnreadableImage(name, "not_an_image") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise UnreadableImage(name, "too_many_pixels", str(err).rstrip(".")) from None
-    except (OSError, ValueError, SyntaxError, EOFError) as err:
-        raise UnreadableImage(name, "truncated", f"{type(err).__name__}: {err}") from None
 
 
 def describe(image: ImageLike, index: int) -> str:

@@ -23,7 +23,8 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse
 from starlette.routing import Route
 
-from captioner.api import CaptionModel, UnreadableImage
+from captioner.api import CaptionModel
+from captioner.models.vision import UnreadableImage
 
 MAX_BEAMS = 8  # beam search costs beams × the greedy work: a cap keeps one request from hogging the server
 STATUS = {"missing": 400, "not_an_image": 415, "truncated": 400, "too_many_pixels": 413}

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from captioner.api import UnreadableImage, load
+from captioner.api import load
+from captioner.models.vision import UnreadableImage
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 # 000000000139.jpg (COCO 2017) and COCO_val2014_000000000139.jpg (COCO 2014) are both image 139

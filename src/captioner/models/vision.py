@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from typing import IO
 
 import torch
 import torch.nn as nn
@@ -17,19 +18,51 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def load_image(path: str | os.PathLike) -> Image.Image | None:
-    """Decode an image fully, or None if it is missing, corrupt, truncated or a decompression bomb.
+# why an image could not be decoded; the server answers each with its own status code
+REASONS = {
+    "missing": "no such file",
+    "not_an_image": "not an image (unknown format)",
+    "truncated": "corrupt or truncated image",
+    "too_many_pixels": "too many pixels",
+}
 
-    PIL only warns between MAX_IMAGE_PIXELS and twice that; the warning is raised here so bombs are refused at
-    the limit itself.
+
+class UnreadableImage(ValueError):
+    """An image that cannot be decoded: `reason` is a key of REASONS, `name` the file or upload it is."""
+
+    def __init__(self, name: str, reason: str, detail: str = ""):
+        self.name, self.reason = name, reason
+        super().__init__(f"{name}: {REASONS[reason]}" + (f" ({detail})" if detail else ""))
+
+
+def open_image(source: str | os.PathLike | IO[bytes], name: str | None = None) -> Image.Image:
+    """Decode an image file (path or binary file object) fully into RGB, or raise UnreadableImage.
+
+    It says what went wrong, so the server can answer a truncated upload differently from a bomb. PIL only warns
+    between MAX_IMAGE_PIXELS and twice that; the warning is raised so that bombs are refused at the limit itself.
     """
+    name = name or str(source)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                img.load()  # decode now: Image.open reads only the header, truncation shows up here
+            with Image.open(source) as img:
+                img.load()  # Image.open reads only the header: truncation shows up here
                 return img.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except (FileNotFoundError, IsADirectoryError):
+        raise UnreadableImage(name, "missing") from None
+    except Image.UnidentifiedImageError:
+        raise UnreadableImage(name, "not_an_image") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise UnreadableImage(name, "too_many_pixels", str(err).rstrip(".")) from None
+    except (OSError, ValueError, SyntaxError, EOFError) as err:
+        raise UnreadableImage(name, "truncated", f"{type(err).__name__}: {err}") from None
+
+
+def load_image(path: str | os.PathLike) -> Image.Image | None:
+    """`open_image`, or None for an image that cannot be read: training and evaluation skip (and count) those."""
+    try:
+        return open_image(path)
+    except UnreadableImage:
         return None
 
 
