@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from captioner.data.coco_format import CaptionIndex, load_captions
 from captioner.data.feature_cache import FeatureStore
-from captioner.models.vision import ClipPreprocess
+from captioner.data.image_source import ImageSource
 from captioner.tokenizer import EOT, gpt2_encoding
 
 log = logging.getLogger(__name__)
@@ -54,25 +54,6 @@ def encode_captions(texts: Sequence[str], enc, max_tokens: int) -> tuple[np.ndar
     np.cumsum([len(s) for s in seqs], out=offsets[1:])
     flat = np.fromiter((t for s in seqs for t in s), dtype=np.int32, count=int(offsets[-1]))
     return flat, offsets
-
-
-class ImageSource:
-    """Where one split's image tensors come from: decoded + CLIP-preprocessed files ("pixel_values", (3, S, S)
-    float32), or the CLIP feature cache ("features", (N, D) float32, no image decoding at all)."""
-
-    def __init__(self, index: CaptionIndex, *, image_size: int, features=None):
-        self.index = index
-        self.features = features  # a FeatureStore, or None
-        self.preprocess = None if features is not None else ClipPreprocess(image_size)
-        self.key = "features" if features is not None else "pixel_values"
-        self.shape = tuple(features.shape[1:]) if features is not None else (3, image_size, image_size)
-
-    def load(self, i: int) -> torch.Tensor | None:
-        """Image i's tensor, or None when it cannot be read (or was unreadable when the cache was built)."""
-        if self.features is not None:
-            feats = self.features.get(self.index.image_ids[i])
-            return None if feats is None else torch.from_numpy(feats).float()  # (N, D)
-        return self.preprocess(self.index.image_path(i))  # (3, S, S)
 
 
 class CaptionPairs(Dataset):

@@ -28,10 +28,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from captioner.data.coco_format import CaptionIndex, load_captions
 from captioner.data.feature_cache import FeatureStore, cache_paths, encoder_identity
+from captioner.data.image_source import ImageSource
 from captioner.eval.caption_metrics import resolve_backend, score_captions, tokenize_java
 from captioner.io import save_json, save_text
 from captioner.models.captioner import Captioner, load_captioner
-from captioner.models.vision import ClipPreprocess
 from captioner.optim import weights_fingerprint
 
 log = logging.getLogger(__name__)
@@ -95,18 +95,13 @@ class _SplitImages(Dataset):
     cache, or decoded, CLIP-preprocessed pixels (3, S, S)."""
 
     def __init__(self, index: CaptionIndex, positions: list[int], features: FeatureStore | None, size: int):
-        self.index, self.positions, self.features = index, positions, features
-        self.preprocess = ClipPreprocess(size) if features is None else None
+        self.positions, self.source = positions, ImageSource(index, image_size=size, features=features)
 
     def __len__(self) -> int:
         return len(self.positions)
 
     def __getitem__(self, k: int) -> tuple[int, torch.Tensor | None]:
-        i = self.positions[k]
-        if self.features is not None:
-            feats = self.features.get(self.index.image_ids[i])  # None: unreadable when the cache was built
-            return i, None if feats is None else torch.from_numpy(feats).float()
-        return i, self.preprocess(self.index.image_path(i))
+        return self.positions[k], self.source.load(self.positions[k])
 
 
 def _collate(
