@@ -17,7 +17,7 @@ from typing import IO
 import torch
 from PIL import Image
 
-from captioner.models.captioner import Captioner, load_captioner
+from captioner.models.captioner import Captioner, generation_settings, load_captioner, resolve_device
 from captioner.models.vision import ClipPreprocess, open_image
 
 ImageLike = Image.Image | str | os.PathLike | IO[bytes]
@@ -47,10 +47,10 @@ class CaptionModel:
         device: str | torch.device | None = None,
         source: str = "",
     ):
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         # training's validation decodes with beam search unless its config names a method (CaptionModule)
-        self.generation = {"method": "beam", **(generation or {})}
+        self.generation = generation_settings(generation)
         self.transform = ClipPreprocess(model.vision.image_size)
         self.source = source
         self.autocast = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -68,14 +68,7 @@ class CaptionModel:
     def settings(self, beams: int | None = None, **generation) -> dict:
         """The `Captioner.generate` keywords for one call: the saved defaults, then `generation`, then `beams`
         (1 → greedy, more → beam search of that width)."""
-        settings = {**self.generation, **generation}
-        if beams is not None:
-            if isinstance(beams, bool) or not isinstance(beams, int) or beams < 1:
-                raise ValueError(f"beams must be a whole number ≥ 1, got {beams!r}")
-            settings.update(method="greedy") if beams == 1 else settings.update(
-                method="beam", num_beams=beams
-            )
-        return settings
+        return generation_settings(self.generation, beams, **generation)
 
     def preprocess(self, image: ImageLike, name: str | None = None) -> torch.Tensor:
         """An image (PIL, path or binary file) → CLIP-preprocessed pixels (3, S, S); UnreadableImage if it

@@ -14,8 +14,8 @@ from captioner.data.coco_format import annotation_path
 from captioner.data.feature_cache import build_feature_cache
 from captioner.eval import coco_split
 from captioner.eval.caption_metrics import METRICS, score_results_file
-from captioner.eval.coco_split import evaluate_split, generation_settings, progress_path
-from captioner.models.captioner import Captioner, build_captioner, load_captioner
+from captioner.eval.coco_split import evaluate_split, progress_path
+from captioner.models.captioner import Captioner, build_captioner, generation_settings, load_captioner
 from captioner.models.gpt import GPTConfig
 from captioner.models.vision import VisionEncoder
 from captioner.prepare.shapes import prepare_shapes
@@ -192,10 +192,14 @@ def test_feature_cache_gives_the_pixels_captions(ckpt, root, tmp_path, caplog):
 
 def test_generation_settings_come_from_the_checkpoint_with_beams_overriding():
     hparams = {"generation": {"method": "beam", "num_beams": 3, "max_new_tokens": 30}}
-    assert generation_settings(hparams) == hparams["generation"]
-    assert generation_settings(hparams, beams=1) == {"method": "greedy", "num_beams": 3, "max_new_tokens": 30}
-    assert generation_settings(hparams, beams=5)["num_beams"] == 5
-    assert generation_settings({"generation": {"method": "greedy"}}, beams=2)["method"] == "beam"
+    assert generation_settings(hparams["generation"]) == hparams["generation"]
+    assert generation_settings(hparams["generation"], beams=1) == {
+        "method": "greedy",
+        "num_beams": 3,
+        "max_new_tokens": 30,
+    }
+    assert generation_settings(hparams["generation"], beams=5)["num_beams"] == 5
+    assert generation_settings({"method": "greedy"}, beams=2)["method"] == "beam"
     assert generation_settings({}) == {"method": "beam"}  # validation's default decoding
 
 

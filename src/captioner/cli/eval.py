@@ -18,19 +18,18 @@ def _hellaswag(args) -> dict:
     import torch
 
     from captioner.eval.hellaswag import evaluate_hellaswag
+    from captioner.models.captioner import resolve_device
     from captioner.models.gpt import GPT
     from captioner.prepare.hellaswag import download_hellaswag
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda requested but CUDA is not available")
+    device = resolve_device(args.device)
     if args.ckpt and not Path(args.ckpt).is_file():
         raise FileNotFoundError(f"checkpoint not found: {args.ckpt}")
     data = Path(args.data) if args.data else download_hellaswag(data_dir("hellaswag"), split="val")
     if not data.is_file():
         raise FileNotFoundError(f"HellaSwag file not found: {data}")
     model = GPT.from_lightning_checkpoint(args.ckpt) if args.ckpt else GPT.from_pretrained(args.hf)
-    if device == "cuda":
+    if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 matmuls, as build-nanogpt evaluates
     model.to(device)
     return evaluate_hellaswag(model, data, limit=args.limit, batch_size=args.batch_size, device=device)

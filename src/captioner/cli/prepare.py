@@ -26,11 +26,10 @@ def _fineweb(args) -> None:
 
 
 def _coco(args) -> None:
-    import torch
-
+    from captioner.models.captioner import resolve_device
     from captioner.prepare.coco import prepare_coco
 
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.device = str(resolve_device(args.device))
     prepare_coco(
         args.root,
         source=args.source,

@@ -31,7 +31,7 @@ from captioner.data.feature_cache import FeatureStore, cache_paths, encoder_iden
 from captioner.data.image_source import ImageSource
 from captioner.eval.caption_metrics import resolve_backend, score_captions, tokenize_java
 from captioner.io import save_json, save_text
-from captioner.models.captioner import Captioner, load_captioner
+from captioner.models.captioner import Captioner, generation_settings, load_captioner, resolve_device
 from captioner.optim import weights_fingerprint
 
 log = logging.getLogger(__name__)
@@ -53,17 +53,6 @@ class SplitResult:
 
 def default_results_path(root: str | Path, split: str, ckpt: str | Path) -> Path:
     return Path(root) / "results" / f"{split}_{Path(ckpt).stem}.json"
-
-
-def generation_settings(hparams: dict, beams: int | None = None) -> dict:
-    """`Captioner.generate` settings: the checkpoint's (beam search unless it names a method, as validation
-    decodes), with `beams` overriding (1 = greedy)."""
-    generation = {"method": "beam", **(hparams.get("generation") or {})}
-    if beams == 1:
-        generation["method"] = "greedy"
-    elif beams is not None:
-        generation.update(method="beam", num_beams=beams)
-    return generation
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -252,18 +241,6 @@ def spice_score(predictions: dict[int, str], references: dict[int, list[str]]) -
 # the whole split
 
 
-def resolve_device(device: str | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as err:
-        raise ValueError(f"--device {device!r}: {err}") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device} requested but CUDA is not available")
-    return resolved
-
-
 def default_num_workers() -> int:
     """Image decoding workers: up to 4, one core left for the model."""
     return min(4, max(0, (os.cpu_count() or 1) - 1))
@@ -306,7 +283,7 @@ def evaluate_split(
     if num_workers is None:
         # Decoding workers pay off for image files only: cached features are memory-mapped reads.
         num_workers = default_num_workers() if features is None else 0
-    generation = generation_settings(hparams, beams)
+    generation = generation_settings(hparams.get("generation"), beams)
     header = {"split": split, "weights": weights_fingerprint(model), "generation": generation}
     model.to(device)
 

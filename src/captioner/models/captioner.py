@@ -138,6 +138,30 @@ class Captioner(nn.Module):
 # assembling a captioner: configs (plain data, as checkpoints store them) → model, pretrained weights
 
 
+def generation_settings(saved: dict | None, beams: int | None = None, **overrides) -> dict:
+    """`Captioner.generate` keywords: the settings a run was trained with (beam search unless they name a method,
+    as validation decodes), then `overrides`, then `beams` (1 → greedy, more → beam search of that width)."""
+    settings = {"method": "beam", **(saved or {}), **overrides}
+    if beams is not None:
+        if isinstance(beams, bool) or not isinstance(beams, int) or beams < 1:
+            raise ValueError(f"beams must be a whole number ≥ 1, got {beams!r}")
+        settings.update(method="greedy") if beams == 1 else settings.update(method="beam", num_beams=beams)
+    return settings
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """`device` as a torch.device (default: cuda when available); ValueError for a bad name or absent CUDA."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"--device {device!r}: {err}") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} requested but CUDA is not available")
+    return resolved
+
+
 def resolve_lm(lm: dict) -> dict:
     """Fill `lm["config"]` (the GPT shape) from wherever the weights come from, without loading them: a stage-1
     checkpoint (`ckpt`), an HF GPT-2 (`hf`), or a GPTConfig name/fields (random init)."""

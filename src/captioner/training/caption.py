@@ -15,7 +15,13 @@ import logging
 import hydra
 import torch
 
-from captioner.models.captioner import build_captioner, load_pretrained_weights, resolve_lm, resolve_vision
+from captioner.models.captioner import (
+    build_captioner,
+    generation_settings,
+    load_pretrained_weights,
+    resolve_lm,
+    resolve_vision,
+)
 from captioner.training.base import TrainingModule
 
 log = logging.getLogger(__name__)
@@ -192,7 +198,7 @@ class CaptionModule(TrainingModule):
 
     def _generate(self, batch) -> None:
         key = "features" if "features" in batch else "pixel_values"
-        generation = {"method": "beam", **self.hparams.generation}
+        generation = generation_settings(self.hparams.generation)
         with self.eval_context():
             captions = self.model.caption(**{key: batch[key]}, **generation)
         for i, caption in enumerate(captions):
