@@ -57,9 +57,10 @@ def build_module(model: DictConfig) -> L.LightningModule:
     return hydra.utils.get_class(kwargs.pop("_target_"))(**kwargs)
 
 
-def check_inputs(cfg: DictConfig, datamodule: L.LightningDataModule) -> None:
+def check_inputs(cfg: DictConfig, datamodule: L.LightningDataModule) -> int | None:
     """Everything a run reads that can be checked before the model is built and the loggers start: the data
-    (shards, annotations, images), the feature cache, the HellaSwag file, the checkpoint to resume."""
+    (shards, annotations, images), the feature cache, the HellaSwag file, the checkpoint to resume
+    (whose global step it returns, None for a fresh run)."""
     datamodule.setup("fit")
     features_dir = cfg.data.get("features_dir")
     if features_dir:
@@ -73,12 +74,14 @@ def check_inputs(cfg: DictConfig, datamodule: L.LightningDataModule) -> None:
     if hellaswag.get("path"):
         load_examples(hellaswag.path, limit=hellaswag.get("limit"))
     if cfg.ckpt_path:
-        check_resume_checkpoint(cfg.ckpt_path, caption="lm" in cfg.model)
+        return check_resume_checkpoint(cfg.ckpt_path, caption="lm" in cfg.model)
+    return None
 
 
-def check_resume_checkpoint(path: str, caption: bool) -> None:
-    """`ckpt_path` must be a checkpoint of the same stage as the run."""
-    hparams = load_checkpoint(path).get("hyper_parameters") or {}
+def check_resume_checkpoint(path: str, caption: bool) -> int:
+    """`ckpt_path` must be a checkpoint of the same stage as the run; returns its global step."""
+    ckpt = load_checkpoint(path)
+    hparams = ckpt.get("hyper_parameters") or {}
     if caption and "lm" not in hparams:
         raise ValueError(
             f"ckpt_path={path} is a stage-1 (language model) checkpoint, not a caption run's: to start a caption "
@@ -86,6 +89,7 @@ def check_resume_checkpoint(path: str, caption: bool) -> None:
         )
     if not caption and "lm" in hparams:
         raise ValueError(f"ckpt_path={path} is a caption run's checkpoint; this is a stage-1 (pretrain) run")
+    return int(ckpt["global_step"])
 
 
 def log_run_config(trainer: L.Trainer, cfg: DictConfig) -> None:
@@ -108,11 +112,11 @@ def train(cfg: DictConfig) -> dict:
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere+ for whatever runs outside autocast
     run_dir = Path(cfg.paths.run_dir)
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
-    check_inputs(cfg, datamodule)
+    resume_step = check_inputs(cfg, datamodule)
     module = build_module(cfg.model)
     loggers = instantiate_all(cfg.get("logger"))
     if cfg.ckpt_path:
-        truncate_metrics_after(loggers, load_checkpoint(cfg.ckpt_path)["global_step"])
+        truncate_metrics_after(loggers, resume_step)
     trainer = L.Trainer(
         **OmegaConf.to_container(cfg.trainer, resolve=True),
         logger=loggers,
