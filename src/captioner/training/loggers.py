@@ -107,6 +107,8 @@ class RunWandbLogger(WandbLogger):
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         super().log_metrics(metrics, step)
+        if not any(name.startswith("val/") for name in metrics):
+            return  # a training step: no summary read on the hot path
         best = best_values(dict(self.experiment.summary), metrics)
         if best:
             self.experiment.summary.update(best)
