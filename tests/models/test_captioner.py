@@ -67,11 +67,13 @@ def test_gated_cross_attention_shapes_and_cached_image_kv():
     layer = GatedCrossAttention(32, 4)
     with torch.no_grad():
         layer.attn_gate.fill_(1.0)
-    x, context = torch.randn(2, 5, 32), torch.randn(2, 7, 32)
-    cache = KVCache()
+    x, context = torch.randn(6, 5, 32), torch.randn(2, 7, 32)
+    expected = layer(x, context.repeat_interleave(3, dim=0))  # each of 6 rows with its own copy of its image
+    cache = KVCache(8, group=3)  # 2 images x 3 beams: one (k, v) per image, shared by its beams
     out = layer(x, context, cache=cache, layer=3)
-    assert out.shape == (2, 5, 32)
+    assert out.shape == (6, 5, 32)
     assert cache.cross_attn[3][0].shape == (2, 4, 7, 8)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
     # a later step reuses the stored image keys/values, whatever context it is handed
     torch.testing.assert_close(layer(x, torch.zeros_like(context), cache=cache, layer=3), out)
     with pytest.raises(ValueError, match=r"n_embd \(32\) must be divisible by n_head \(5\)"):

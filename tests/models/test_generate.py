@@ -162,3 +162,31 @@ def test_argument_errors(captioner, pixels):
         decoding.sampler(top_p=1.5)
     with pytest.raises(ValueError, match="unknown decoding method 'nucleus'"):
         captioner.generate(pixels, method="nucleus")
+
+
+def test_the_decoding_loop_never_reads_the_device(captioner, pixels, monkeypatch):
+    """Beam search and greedy keep their bookkeeping on the device: with the finished-check stubbed out (on CUDA it
+    reads a flag copied asynchronously), nothing inside the loop turns a tensor into a Python value; only the
+    results are read back at the end."""
+    monkeypatch.setattr(decoding, "_Finished", lambda device: lambda finished: False)
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name, **kwargs):
+            reads.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    context = captioner.image_context(pixels)
+    prompt = torch.full((3, 1), EOT)
+    decoding.beam_search(captioner.lm, prompt, max_new_tokens=12, eot=EOT, num_beams=3, context=context)
+    assert reads == ["tolist", "tolist"]  # lengths and ids of the best hypotheses
+    reads.clear()
+    decoding.generate(captioner.lm, prompt, max_new_tokens=12, eot=EOT, context=context)
+    assert reads == ["tolist"]
+
+
+def test_cuda_graph_needs_the_cache_on_a_cuda_device(captioner, pixels):
+    with pytest.raises(ValueError, match="cuda_graph=True needs use_cache=True and a model on a CUDA device"):
+        captioner.generate(pixels, method="beam", cuda_graph=True)

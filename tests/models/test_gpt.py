@@ -128,10 +128,14 @@ def test_sequence_longer_than_block_size_is_rejected():
     model = GPT(small(block_size=8))
     with pytest.raises(ValueError, match="length 9 exceeds the model's block_size 8"):
         model(torch.zeros(1, 9, dtype=torch.long))
-    cache = KVCache()
+    cache = KVCache(8)
     model(torch.zeros(1, 6, dtype=torch.long), cache=cache)
     with pytest.raises(ValueError, match="length 9 exceeds"):
         model(torch.zeros(1, 3, dtype=torch.long), cache=cache)
+    cache = KVCache(7)
+    model(torch.zeros(1, 6, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match=r"KVCache holds 7 positions; 6 \+ 2 do not fit"):
+        model(torch.zeros(1, 2, dtype=torch.long), cache=cache)
 
 
 @pytest.mark.parametrize("with_cross", [False, True])
@@ -145,28 +149,61 @@ def test_kv_cache_incremental_equals_full_forward(with_cross):
     idx = torch.randint(0, 97, (3, 14))
     with torch.no_grad():
         full, _ = model(idx, context=context)
-        cache = KVCache()
+        cache = KVCache(16)
         # prefill of 5, a chunk of 4 (T > 1 on a non-empty cache), then single tokens
         parts = [model(idx[:, :5], context=context, cache=cache)[0]]
+        buffers = [t.data_ptr() for kv in cache.self_attn.values() for t in kv]
         parts.append(model(idx[:, 5:9], context=context, cache=cache)[0])
         for t in range(9, 14):
             parts.append(model(idx[:, t : t + 1], context=context, cache=cache)[0])
-    assert cache.length == 14
-    assert cache.self_attn[0][0].shape == (3, 2, 14, 16)
+    assert (cache.length, int(cache.position)) == (14, 14)
+    assert cache.self_attn[0][0].shape == (3, 2, 16, 16)  # (rows, nh, max_length, hs), allocated once
+    assert [t.data_ptr() for kv in cache.self_attn.values() for t in kv] == buffers  # written in place
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
+def test_kv_cache_reset_reuses_its_buffers_for_a_new_batch():
+    torch.manual_seed(0)
+    model = GPT(small()).eval()
+    cache = KVCache(10)
+    with torch.no_grad():
+        model(torch.randint(0, 97, (2, 9)), cache=cache)  # leaves stale keys at every position
+        buffers = [t.data_ptr() for kv in cache.self_attn.values() for t in kv]
+        cache.reset()
+        idx = torch.randint(0, 97, (2, 6))
+        steps = [model(idx[:, :3], cache=cache)[0]] + [
+            model(idx[:, t : t + 1], cache=cache)[0] for t in (3, 4, 5)
+        ]
+        full, _ = model(idx)
+    assert [t.data_ptr() for kv in cache.self_attn.values() for t in kv] == buffers
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
 def test_kv_cache_reorder_selects_batch_rows():
-    cache = KVCache()
+    cache = KVCache(4)
     k = torch.arange(3.0).view(3, 1, 1, 1).expand(3, 2, 4, 8)
-    cache.append(0, k, k + 10)
-    cache.cross_attn[1] = (k, k)
-    before = cache.self_attn[0][0]
+    positions = torch.arange(4)
+    cache.write(0, k, k + 10, positions)
+    buf_k, buf_v = cache.self_attn[0]
     cache.reorder(torch.tensor([2, 2, 0]))
-    assert cache.self_attn[0][0][:, 0, 0, 0].tolist() == [2.0, 2.0, 0.0]
-    assert cache.self_attn[0][1][:, 0, 0, 0].tolist() == [12.0, 12.0, 10.0]
-    assert cache.cross_attn[1][0][:, 0, 0, 0].tolist() == [2.0, 2.0, 0.0]
-    assert before[:, 0, 0, 0].tolist() == [0.0, 1.0, 2.0]  # replaced, not written in place
+    assert cache.self_attn[0][0] is buf_k and cache.self_attn[0][1] is buf_v  # in place: same addresses
+    assert buf_k[:, 0, 0, 0].tolist() == [2.0, 2.0, 0.0]
+    assert buf_v[:, 0, 3, 0].tolist() == [12.0, 12.0, 10.0]
+
+
+def test_packed_documents_score_as_if_alone():
+    """Two documents in one row, each with its own positions and a block-diagonal causal mask, give the hidden
+    states each gets alone (what HellaSwag packing relies on)."""
+    torch.manual_seed(0)
+    model = GPT(small()).eval()
+    a, b = torch.randint(0, 97, (1, 5)), torch.randint(0, 97, (1, 7))
+    doc = torch.tensor([0] * 5 + [1] * 7)
+    positions = torch.cat([torch.arange(5), torch.arange(7)])
+    mask = (doc[:, None] == doc[None, :]) & torch.ones(12, 12, dtype=torch.bool).tril()
+    with torch.no_grad():
+        packed = model.hidden_states(torch.cat([a, b], dim=1), positions=positions, attn_mask=mask)
+        alone = torch.cat([model.hidden_states(a), model.hidden_states(b)], dim=1)
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize(

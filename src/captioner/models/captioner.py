@@ -110,12 +110,20 @@ class Captioner(nn.Module):
         temperature: float = 1.0,
         generator: torch.Generator | None = None,
         use_cache: bool = True,
+        cuda_graph: bool = False,
     ) -> list[list[int]]:
         """Caption token ids per image (EOT excluded), decoded from the prompt [EOT] as in training, where a
-        sequence is [EOT] + caption + [EOT]. method: "greedy", "beam" or "sample"."""
+        sequence is [EOT] + caption + [EOT]. method: "greedy", "beam" or "sample". cuda_graph: replay each
+        decode step as a CUDA graph (CUDA only; see models/generate.py)."""
         context = self.image_context(pixel_values, features)  # (B, N, C)
         prompt = torch.full((context.size(0), 1), EOT, dtype=torch.long, device=context.device)  # (B, 1)
-        common = dict(max_new_tokens=max_new_tokens, eot=EOT, context=context, use_cache=use_cache)
+        common = dict(
+            max_new_tokens=max_new_tokens,
+            eot=EOT,
+            context=context,
+            use_cache=use_cache,
+            cuda_graph=cuda_graph,
+        )
         if method == "greedy":
             return decoding.generate(self.lm, prompt, decoding.argmax, **common)
         if method == "beam":

@@ -50,19 +50,30 @@ class GatedCrossAttention(nn.Module):
     def forward(
         self, x: torch.Tensor, context: torch.Tensor, cache: KVCache | None = None, layer: int | None = None
     ) -> torch.Tensor:
-        """x (B, T, C) text stream, context (B, N, C) image tokens → (B, T, C). With a cache the image keys and
-        values are computed on the first call and reused afterwards (stored under `layer`)."""
+        """x (B, T, C) text stream, context (B, N, C) image tokens → (B, T, C).
+
+        With a cache, context holds one row per image, (B // cache.group, N, C): its keys/values are computed on
+        the first call, stored under `layer` and reused afterwards; the group's rows (an image's beams) read them
+        as one longer query block instead of each holding a copy."""
         B, T, C = x.size()
         q = self.c_q(self.ln_1(x)).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        if cache is not None and layer in cache.cross_attn:
-            k, v = cache.cross_attn[layer]  # (B, nh, N, hs) each
+        if cache is None:
+            k, v = self.image_kv(context)  # (B, nh, N, hs) each
+            y = F.scaled_dot_product_attention(
+                q, k, v
+            )  # (B, nh, T, hs): every text position sees every image token
         else:
-            k, v = self.image_kv(context)
-            if cache is not None:
-                cache.cross_attn[layer] = (k, v)
-        y = F.scaled_dot_product_attention(
-            q, k, v
-        )  # (B, nh, T, hs): every text position sees every image token
+            k, v = cache.image_kv(
+                layer, lambda: self.image_kv(context)
+            )  # (I, nh, N, hs) each, I = B // G images
+            G, hs = cache.group, C // self.n_head
+            q = (
+                q.view(-1, G, self.n_head, T, hs).transpose(1, 2).reshape(-1, self.n_head, G * T, hs)
+            )  # (I, nh, G*T, hs)
+            y = F.scaled_dot_product_attention(q, k, v)  # (I, nh, G*T, hs)
+            y = (
+                y.view(-1, self.n_head, G, T, hs).transpose(1, 2).reshape(B, self.n_head, T, hs)
+            )  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         x = x + self.attn_gate.tanh() * self.c_proj(y)  # (B, T, C)
         x = x + self.ff_gate.tanh() * self.mlp(self.ln_2(x))  # (B, T, C)

@@ -2,14 +2,20 @@
 ways to pick the next token), and beam search.
 
 Every function takes the LM, a prompt (B, T0) and, for the captioner, `context` (B, N, C) image tokens. With
-`use_cache=True` (default) a KVCache holds the self-attention keys/values and the image keys/values, so each
-step feeds one token; `use_cache=False` feeds the whole sequence every step (the reference the cached path is
-tested against, and the benchmark's baseline). Decoding stops at `eot` or after `max_new_tokens`. Only the first
+`use_cache=True` (default) a static KVCache holds the self-attention keys/values and each image's keys/values
+(shared by its beams), so each step feeds one token; `cuda_graph=True` also replays that step as a CUDA graph
+(CUDA only). `use_cache=False` feeds the whole sequence every step: the reference the cached path is tested
+against, and the benchmark's baseline. Decoding stops at `eot` or after `max_new_tokens`. Only the first
 `n_vocab` logits are considered, so the padding rows of a 50304-row vocab are never emitted.
+
+All bookkeeping (finished rows, beam scores, parents, finished hypotheses) stays on the device: the loop never
+waits for the GPU except to read, without blocking, whether every row has finished (`_Finished`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -70,24 +76,148 @@ def _check_length(lm: GPT, prompt: torch.Tensor, max_new_tokens: int) -> None:
         )
 
 
-def _next_logits(
-    lm: GPT,
-    seq: torch.Tensor,
-    n_new: int,
-    context: torch.Tensor | None,
-    cache: KVCache | None,
-    n_vocab: int,
-) -> torch.Tensor:
-    """Logits (B, n_vocab) float32 for the token after seq (B, T); with a cache only the last n_new are fed."""
-    idx = seq[:, -n_new:] if cache is not None else seq
-    logits, _ = lm(idx, context=context, cache=cache)  # (B, T', V)
-    return logits[:, -1, :n_vocab].float()
+class _Feed:
+    """Next-token logits (R, n_vocab) float32 for R rows, fed one new token per row per step.
+
+    prompt (R, T0), R = images × group; context (images, N, C) or None. With the cache only the new token goes
+    through the LM; without it the whole sequence does (and each row gets its own copy of its image).
+    """
+
+    def __init__(self, lm, prompt, context, *, group, max_new_tokens, n_vocab, use_cache, cuda_graph):
+        if cuda_graph and not (use_cache and prompt.device.type == "cuda"):
+            raise ValueError("cuda_graph=True needs use_cache=True and a model on a CUDA device")
+        self.lm, self.n_vocab, self.seq = lm, n_vocab, prompt
+        self.graphed = (
+            _graphed_step(lm, prompt, context, group, max_new_tokens, n_vocab) if cuda_graph else None
+        )
+        if self.graphed is not None:
+            self.cache = self.graphed.cache
+        elif use_cache:
+            self.cache = KVCache(prompt.size(1) + max_new_tokens - 1, group=group)
+        else:
+            self.cache = None
+            if context is not None:
+                context = context.repeat_interleave(group, dim=0)  # (R, N, C)
+        self.context = context
+
+    def logits(self, idx: torch.Tensor) -> torch.Tensor:
+        logits, _ = self.lm(idx, context=self.context, cache=self.cache)  # (R, T', V)
+        return logits[:, -1, : self.n_vocab].float()
+
+    def first(self) -> torch.Tensor:
+        """The prompt's next-token logits (prefill)."""
+        return self.logits(self.seq)
+
+    def next(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed tokens (R,); the logits after them."""
+        if self.cache is None:
+            self.seq = torch.cat([self.seq, tokens[:, None]], dim=1)  # (R, T + 1)
+            return self.logits(self.seq)
+        if self.graphed is not None:
+            return self.graphed.replay(tokens)
+        return self.logits(tokens[:, None])
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep rows `rows` (R,), in that order (beam search's parents)."""
+        if self.cache is None:
+            self.seq = self.seq.index_select(0, rows)
+        else:
+            self.cache.reorder(rows)
 
 
-def _until_eot(tokens: torch.Tensor, eot: int | None) -> list[list[int]]:
-    """(B, n) ids → per-row lists cut before the first eot."""
-    rows = tokens.tolist()
-    return [row[: row.index(eot)] if eot in row else row for row in rows]
+class _GraphedStep:
+    """The one-token decode step captured once as a CUDA graph over a static cache, replayed each step.
+
+    Replay runs the captured kernels on the captured addresses: the token goes in through `tokens`, the logits
+    come out in `out`, the cache's device position advances inside the graph. Kept per LM and shape
+    (`_graphed_step`), so a second batch of the same shape reuses the capture.
+    """
+
+    def __init__(self, lm, rows, group, max_length, context, n_vocab):
+        device = context.device if context is not None else next(lm.parameters()).device
+        self.cache = KVCache(max_length, group=group)
+        self.tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        self.feed = lambda: lm(self.tokens, context=context, cache=self.cache)[0][:, -1, :n_vocab].float()
+        self.context = context
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def capture(self) -> None:
+        """Capture after the prefill, so every buffer exists. Warm-up steps run on a side stream (as CUDA graphs
+        require) and are undone: their keys/values sit at a position the first real step overwrites."""
+        cache, length, position = self.cache, self.cache.length, self.cache.position.clone()
+        autocast = contextlib.nullcontext()
+        if torch.is_autocast_enabled("cuda"):  # autocast's weight-cast cache must not live inside a graph
+            autocast = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), autocast:
+            for _ in range(2):
+                self.feed()
+                cache.length = length
+                cache.position.copy_(position)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), autocast:
+            self.out = self.feed()
+        cache.length = length  # capture ran the Python once and the kernels not at all
+
+    def replay(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.graph is None:
+            self.capture()
+        if self.cache.length + 1 > self.cache.max_length:
+            raise ValueError(f"KVCache holds {self.cache.max_length} positions; all are used")
+        self.tokens.copy_(tokens[:, None])
+        self.graph.replay()
+        self.cache.length += 1
+        return self.out
+
+
+_GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # LM → {shape key: _GraphedStep}
+
+
+def _graphed_step(lm, prompt, context, group, max_new_tokens, n_vocab) -> _GraphedStep:
+    """The LM's captured step for this batch shape, made on first use; its cache reset for a new batch. (The
+    step never reads the context itself: the image keys/values are in the cache after the prefill.)"""
+    key = (
+        prompt.shape,
+        group,
+        max_new_tokens,
+        n_vocab,
+        None if context is None else (context.shape, context.dtype),
+        torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None,
+        tuple(p.data_ptr() for p in lm.parameters()),  # weights moved or re-cast: capture again
+    )
+    steps = _GRAPHS.setdefault(lm, {})
+    if key not in steps:
+        steps.clear()  # one capture per LM: a new shape replaces the old graph and frees its memory
+        max_length = prompt.size(1) + max_new_tokens - 1
+        steps[key] = _GraphedStep(lm, prompt.size(0), group, max_length, context, n_vocab)
+    step = steps[key]
+    step.cache.reset()
+    return step
+
+
+class _Finished:
+    """Whether every row has finished, asked once per step without making the loop wait for the device: on
+    CUDA the answer is copied to pinned memory asynchronously and read when it has arrived (a step or so later;
+    the extra steps change nothing, finished rows are frozen). On the CPU it is read at once."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.flag = torch.zeros((), dtype=torch.bool, pin_memory=True)
+            self.event: torch.cuda.Event | None = None
+
+    def __call__(self, finished: torch.Tensor) -> bool:
+        if not self.cuda:
+            return bool(finished.all())
+        if self.event is not None and self.event.query() and bool(self.flag):
+            return True
+        if self.event is None or self.event.query():
+            self.flag.copy_(finished.all(), non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        return False
 
 
 @torch.no_grad()
@@ -100,6 +230,7 @@ def decode(
     eot: int | None = None,
     context: torch.Tensor | None = None,
     use_cache: bool = True,
+    cuda_graph: bool = False,
     n_vocab: int = N_VOCAB,
 ) -> torch.Tensor:
     """One token per step for every row, chosen by `pick` (argmax or a sampler).
@@ -108,21 +239,38 @@ def decode(
     emitted eot is padded with eot; decoding ends when every row has, or after max_new_tokens.
     """
     _check_length(lm, prompt, max_new_tokens)
-    cache = KVCache() if use_cache else None
-    seq = prompt  # (B, T)
-    finished = torch.zeros(prompt.size(0), dtype=torch.bool, device=prompt.device)  # (B,)
-    n_new = prompt.size(1)  # the first step feeds the whole prompt (prefill)
-    for _ in range(max_new_tokens):
-        logits = _next_logits(lm, seq, n_new, context, cache, n_vocab)  # (B, V)
+    B, device = prompt.size(0), prompt.device
+    feed = _Feed(
+        lm,
+        prompt,
+        context,
+        group=1,
+        max_new_tokens=max_new_tokens,
+        n_vocab=n_vocab,
+        use_cache=use_cache,
+        cuda_graph=cuda_graph,
+    )
+    tokens = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)  # (B, max_new_tokens)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)  # (B,)
+    all_finished = _Finished(device)
+    steps = 0
+    for step in range(max_new_tokens):
+        logits = feed.first() if step == 0 else feed.next(tokens[:, step - 1])  # (B, V)
         token = pick(logits)  # (B,)
         if eot is not None:
             token = token.masked_fill(finished, eot)
             finished = finished | (token == eot)
-        seq = torch.cat([seq, token[:, None]], dim=1)  # (B, T + 1)
-        n_new = 1
-        if eot is not None and bool(finished.all()):
+        tokens[:, step] = token
+        steps = step + 1
+        if eot is not None and all_finished(finished):
             break
-    return seq[:, prompt.size(1) :]
+    if eot is not None and device.type == "cuda":
+        # the finished check may have arrived late: cut the steps after every row had emitted eot
+        first_eot = torch.where(tokens[:, :steps] == eot, 1, 0).argmax(dim=1)  # (B,) 0 where none
+        ended = (tokens[:, :steps] == eot).any(dim=1)  # (B,)
+        if bool(ended.all()):
+            steps = int(first_eot.max()) + 1
+    return tokens[:, :steps]
 
 
 def generate(
@@ -134,6 +282,7 @@ def generate(
     eot: int,
     context: torch.Tensor | None = None,
     use_cache: bool = True,
+    cuda_graph: bool = False,
     n_vocab: int = N_VOCAB,
 ) -> list[list[int]]:
     """Greedy decoding (pick=argmax, the default) or sampling (pick=sampler(...)). Returns per-row new ids,
@@ -146,31 +295,16 @@ def generate(
         eot=eot,
         context=context,
         use_cache=use_cache,
+        cuda_graph=cuda_graph,
         n_vocab=n_vocab,
     )
     return _until_eot(tokens, eot)
 
 
-class _Hypotheses:
-    """The best `num_beams` finished sequences of one example, ranked by sum log-prob / length**length_penalty."""
-
-    def __init__(self, num_beams: int, length_penalty: float):
-        self.num_beams = num_beams
-        self.length_penalty = length_penalty
-        self.best: list[tuple[float, list[int]]] = []  # (normalised score, ids), best first
-
-    def add(self, tokens: list[int], logprob: float, length: int) -> None:
-        """`length` counts the generated tokens the score was summed over (the final eot included)."""
-        self.best.append((logprob / length**self.length_penalty, tokens))
-        self.best.sort(key=lambda h: h[0], reverse=True)
-        del self.best[self.num_beams :]
-
-    def is_done(self, best_running_logprob: float, length: int) -> bool:
-        """HF's default heuristic (early_stopping=False): stop once the best running beam, scored at its
-        current length, cannot beat the worst of num_beams finished hypotheses."""
-        if len(self.best) < self.num_beams:
-            return False
-        return self.best[-1][0] >= best_running_logprob / length**self.length_penalty
+def _until_eot(tokens: torch.Tensor, eot: int | None) -> list[list[int]]:
+    """(B, n) ids → per-row lists cut before the first eot."""
+    rows = tokens.tolist()
+    return [row[: row.index(eot)] if eot in row else row for row in rows]
 
 
 @torch.no_grad()
@@ -184,72 +318,98 @@ def beam_search(
     length_penalty: float = 1.0,
     context: torch.Tensor | None = None,
     use_cache: bool = True,
+    cuda_graph: bool = False,
     n_vocab: int = N_VOCAB,
 ) -> list[list[int]]:
-    """Beam search with HF's scoring: a finished hypothesis scores sum log-prob / length**length_penalty.
+    """Beam search with HF's scoring: a finished hypothesis scores sum log-prob / length**length_penalty, and
+    an example stops once its best running beam cannot beat the worst of its `num_beams` finished ones (HF's
+    early_stopping=False).
 
-    prompt (B, T0); context (B, N, C) or None, repeated per beam (the cache computes its keys/values once, on
-    the first step). Returns per-example best new ids, eot excluded.
+    prompt (B, T0); context (B, N, C) or None. Returns per-example best new ids, eot excluded. Normalised scores
+    are float64, so ties and comparisons come out as in Python floats (the reference this was checked against).
     """
     if num_beams < 1:
         raise ValueError(f"num_beams must be >= 1, got {num_beams!r}")
     _check_length(lm, prompt, max_new_tokens)
-    B, T0 = prompt.shape
-    K = num_beams
-    device = prompt.device
-    if max_new_tokens == 0:
+    B, K, L, device = prompt.size(0), num_beams, max_new_tokens, prompt.device
+    if L == 0:
         return [[] for _ in range(B)]
-    seq = prompt.repeat_interleave(K, dim=0)  # (B*K, T0): row b*K + j is beam j of example b
-    if context is not None:
-        context = context.repeat_interleave(K, dim=0)  # (B*K, N, C)
-    cache = KVCache() if use_cache else None
+    feed = _Feed(
+        lm,
+        prompt.repeat_interleave(K, dim=0),  # (B*K, T0): row b*K + j is beam j of example b
+        context,
+        group=K,
+        max_new_tokens=L,
+        n_vocab=n_vocab,
+        use_cache=use_cache,
+        cuda_graph=cuda_graph,
+    )
+    ranks = torch.arange(2 * K, device=device)  # (2K,)
+    first_row = torch.arange(B, device=device)[:, None] * K  # (B, 1)
+    beams = torch.arange(K, device=device).expand(B, K)  # (B, K)
+    tokens = torch.zeros(B * K, L, dtype=torch.long, device=device)  # (B*K, L) running beams' new ids
     # All beams start as the same prompt: only beam 0 may expand on the first step, or we'd get K copies.
     scores = torch.full((B, K), float("-inf"), device=device)  # (B, K) sum log-prob per running beam
     scores[:, 0] = 0.0
-    hyps = [_Hypotheses(K, length_penalty) for _ in range(B)]
-    done = [False] * B
-    n_new = T0
-    for step in range(max_new_tokens):
+    # Finished hypotheses, best first: normalised score, ids, length; `count` of them (at most K) per example.
+    best = torch.full((B, K), float("-inf"), dtype=torch.float64, device=device)  # (B, K)
+    best_tokens = torch.zeros(B, K, L, dtype=torch.long, device=device)  # (B, K, L)
+    best_length = torch.zeros(B, K, dtype=torch.long, device=device)  # (B, K)
+    count = torch.zeros(B, dtype=torch.long, device=device)  # (B,)
+    done = torch.zeros(B, dtype=torch.bool, device=device)  # (B,)
+    all_done = _Finished(device)
+
+    def keep_best(scores_in, tokens_in, length_in):
+        """Merge candidates (B, M) after the current best (ties: earlier first, as Python's stable sort)."""
+        order = torch.cat([best, scores_in], dim=1).sort(dim=1, descending=True, stable=True).indices[:, :K]
+        merged_tokens = torch.cat([best_tokens, tokens_in], dim=1)  # (B, K + M, L)
+        return (
+            torch.cat([best, scores_in], dim=1).gather(1, order),
+            merged_tokens.gather(1, order[:, :, None].expand(B, K, L)),
+            torch.cat([best_length, length_in], dim=1).gather(1, order),
+        )
+
+    steps = 0
+    for step in range(L):
         length = step + 1  # generated tokens after this step
-        logprobs = _next_logits(lm, seq, n_new, context, cache, n_vocab).log_softmax(dim=-1)  # (B*K, V)
+        logits = feed.first() if step == 0 else feed.next(tokens[:, step - 1])  # (B*K, V)
+        logprobs = logits.log_softmax(dim=-1)  # (B*K, V)
         V = logprobs.size(-1)
         candidates = (scores[:, :, None] + logprobs.view(B, K, V)).view(B, K * V)  # (B, K*V)
         # 2K candidates: at most K of them are eot (one per parent), so K running beams always survive
         top_scores, top_flat = candidates.topk(2 * K, dim=1)  # (B, 2K) each
-        top_scores, top_flat = top_scores.tolist(), top_flat.tolist()
-        parents, tokens, new_scores = [], [], []
-        for b in range(B):
-            beams = []  # (row of the parent beam, next token, sum log-prob)
-            if not done[b]:
-                for rank, (score, flat) in enumerate(zip(top_scores[b], top_flat[b])):
-                    parent, token = divmod(flat, V)
-                    if token == eot:
-                        if rank < K:  # an eot outside the top K is worse than K continuing beams (HF)
-                            hyps[b].add(seq[b * K + parent, T0:].tolist(), score, length)
-                    else:
-                        beams.append((b * K + parent, token, score))
-                    if len(beams) == K:
-                        break
-                done[b] = hyps[b].is_done(beams[0][2], length)
-            if done[b]:  # keep the tensor shapes: feed eot to its beams, whose outcome no longer matters
-                beams = [(b * K + j, eot, 0.0) for j in range(K)]
-            for parent, token, score in beams:
-                parents.append(parent)
-                tokens.append(token)
-                new_scores.append(score)
-        index = torch.tensor(parents, dtype=torch.long, device=device)  # (B*K,)
-        next_tokens = torch.tensor(tokens, dtype=torch.long, device=device)  # (B*K,)
-        seq = torch.cat([seq.index_select(0, index), next_tokens[:, None]], dim=1)  # (B*K, T + 1)
-        scores = torch.tensor(new_scores, device=device).view(B, K)  # (B, K)
-        if cache is not None:
-            cache.reorder(index)
-        n_new = 1
-        if all(done):
+        parent, token = top_flat // V, top_flat % V  # (B, 2K) each
+        is_eot = token == eot  # (B, 2K)
+        # an eot in the top K finishes a hypothesis (outside it, it is worse than K continuing beams: HF)
+        finishing = is_eot & (ranks < K) & ~done[:, None]  # (B, 2K)
+        normalised = top_scores.double() / length**length_penalty  # (B, 2K)
+        parent_tokens = tokens.view(B, K, L).gather(1, parent[:, :, None].expand(B, 2 * K, L))  # (B, 2K, L)
+        best, best_tokens, best_length = keep_best(
+            normalised.masked_fill(~finishing, float("-inf")),
+            parent_tokens,  # only the first `step` ids are set: the eot itself is not part of the caption
+            torch.full((B, 2 * K), step, dtype=torch.long, device=device),
+        )
+        count = (count + finishing.sum(dim=1)).clamp(max=K)
+        # the K best candidates that are not eot continue, in rank order
+        keep = (ranks + is_eot * 2 * K).topk(K, dim=1, largest=False).indices  # (B, K)
+        parent, token, top_scores = parent.gather(1, keep), token.gather(1, keep), top_scores.gather(1, keep)
+        best_running = top_scores[:, 0].double() / length**length_penalty  # (B,)
+        done = done | ((count == K) & (best[:, -1] >= best_running))
+        # a finished example keeps its shapes: its beams are fed eot and their outcome no longer matters
+        parent = torch.where(done[:, None], beams, parent)
+        token = torch.where(done[:, None], eot, token)
+        scores = torch.where(done[:, None], 0.0, top_scores)
+        rows = (first_row + parent).view(-1)  # (B*K,)
+        tokens = tokens.index_select(0, rows)
+        tokens[:, step] = token.view(-1)
+        feed.reorder(rows)
+        steps = step + 1
+        if all_done(done):
             break
-    # Out of steps: the running beams compete with the finished hypotheses.
-    length = seq.size(1) - T0
-    for b in range(B):
-        if not done[b]:
-            for j in range(K):
-                hyps[b].add(seq[b * K + j, T0:].tolist(), scores[b, j].item(), length)
-    return [h.best[0][1] for h in hyps]
+    # Out of steps: the running beams of unfinished examples compete with their finished hypotheses.
+    running = (scores.double() / steps**length_penalty).masked_fill(done[:, None], float("-inf"))  # (B, K)
+    best, best_tokens, best_length = keep_best(
+        running, tokens.view(B, K, L), torch.full((B, K), steps, dtype=torch.long, device=device)
+    )
+    lengths = best_length[:, 0].tolist()
+    return [row[:n] for row, n in zip(best_tokens[:, 0].tolist(), lengths)]

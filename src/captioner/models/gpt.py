@@ -100,26 +100,27 @@ class CausalSelfAttention(nn.Module):
         )  # residual projection: init std scaled down (GPT._init_weights)
 
     def forward(
-        self, x: torch.Tensor, cache: KVCache | None = None, layer: int | None = None
+        self,
+        x: torch.Tensor,
+        cache: KVCache | None = None,
+        layer: int | None = None,
+        attn_mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x (B, T, C) → (B, T, C). With a cache, x holds only the new positions; earlier keys come from it."""
+        """x (B, T, C) → (B, T, C). attn_mask (T, S) or (B, 1, T, S) bool, True where a query may attend; None
+        is causal. With a cache, x holds only the new positions (T,): their keys/values are written there and
+        attention reads all S cached positions under attn_mask."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # (B, T, C) each
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        past = 0
         if cache is not None:
-            past = cache.length
-            k, v = cache.append(layer, k, v)  # (B, nh, past + T, hs)
-        if past == 0:
+            k, v = cache.write(layer, k, v, positions)  # (B, nh, S, hs) each
+        if attn_mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
-        elif T == 1:
-            y = F.scaled_dot_product_attention(q, k, v)  # one new query may see every cached position
         else:
-            # is_causal aligns the mask top-left; new queries sit bottom-right, at positions past .. past+T-1
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, T, hs)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side
         return self.c_proj(y)
 
@@ -147,9 +148,14 @@ class Block(nn.Module):
         self.mlp = MLP(n_embd)
 
     def forward(
-        self, x: torch.Tensor, cache: KVCache | None = None, layer: int | None = None
+        self,
+        x: torch.Tensor,
+        cache: KVCache | None = None,
+        layer: int | None = None,
+        attn_mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache=cache, layer=layer)  # (B, T, C)
+        x = x + self.attn(self.ln_1(x), cache, layer, attn_mask, positions)  # (B, T, C)
         x = x + self.mlp(self.ln_2(x))  # (B, T, C)
         return x
 
@@ -208,27 +214,12 @@ class GPT(nn.Module):
         """Next-token logits and, given targets, the mean cross-entropy.
 
         idx (B, T) token ids; targets (B, T) the token after each position, -100 where nothing is to be
-        predicted (padding); context (B, N, C) image tokens for the cross-attention layers, if any; cache to
-        feed only new tokens (their positions continue from cache.length; the cache is extended).
+        predicted (padding); context and cache as in `hidden_states`.
         return_logits=False (with targets) runs the output layer only where there is a target and returns
         None for the logits: padded caption batches skip the vocab-wide matmul on their padding (same loss).
         Returns logits (B, T, V) or None, and loss (scalar) or None.
         """
-        T = idx.size(1)  # idx is (B, T)
-        start = 0 if cache is None else cache.length
-        if start + T > self.config.block_size:
-            raise ValueError(
-                f"sequence of length {start + T} exceeds the model's block_size {self.config.block_size}"
-            )
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
-        for i, block in enumerate(self.transformer.h):
-            x = block(x, cache=cache, layer=i)  # (B, T, C)
-            if context is not None and str(i) in self.cross:
-                x = self.cross[str(i)](x, context, cache=cache, layer=i)  # (B, T, C)
-        x = self.transformer.ln_f(x)  # (B, T, C)
-        if cache is not None:
-            cache.length += T
+        x = self.hidden_states(idx, context=context, cache=cache)  # (B, T, C)
         if targets is not None and not return_logits:
             keep = targets != -100  # (B, T)
             return None, F.cross_entropy(self.lm_head(x[keep]), targets[keep])  # (M, V) logits, M targets
@@ -237,6 +228,43 @@ class GPT(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100)
         return logits, loss
+
+    def hidden_states(
+        self,
+        idx: torch.Tensor,
+        *,
+        context: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The final hidden states (B, T, C), before the output layer.
+
+        context (B, N, C) image tokens for the cross-attention layers, if any (with a cache: one row per image,
+        shared by `cache.group` rows of idx). cache: feed only new tokens; their positions continue from
+        cache.length and the cache is extended. Without a cache, positions (T,) or (B, T) and attn_mask (T, T)
+        or (B, 1, T, T), True where a query may attend, let several documents share a row (default: one
+        document from position 0, causal).
+        """
+        T = idx.size(1)  # idx is (B, T)
+        start = 0 if cache is None else cache.length
+        if start + T > self.config.block_size:
+            raise ValueError(
+                f"sequence of length {start + T} exceeds the model's block_size {self.config.block_size}"
+            )
+        if cache is not None:
+            positions = cache.positions(T, idx.device)  # (T,)
+            attn_mask = cache.mask(positions)  # (T, S)
+        elif positions is None:
+            positions = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
+        x = self.transformer.wte(idx) + self.transformer.wpe(positions)  # (B, T, C)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, cache, i, attn_mask, positions)  # (B, T, C)
+            if context is not None and str(i) in self.cross:
+                x = self.cross[str(i)](x, context, cache=cache, layer=i)  # (B, T, C)
+        if cache is not None:
+            cache.advance(T)
+        return self.transformer.ln_f(x)  # (B, T, C)
 
     # --- accounting ---------------------------------------------------------------------------------------
     def num_params(self, non_embedding: bool = True) -> int:
