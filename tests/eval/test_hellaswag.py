@@ -14,7 +14,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from captioner.data.hellaswag import load_examples, render_example
-from captioner.eval.hellaswag import _truncate, ending_losses, evaluate_hellaswag, score_hellaswag
+from captioner.eval.hellaswag import (
+    _pack,
+    _truncate,
+    _Unit,
+    _units,
+    ending_losses,
+    evaluate_hellaswag,
+    packed_ending_losses,
+    score_hellaswag,
+)
 from captioner.models.gpt import GPT, GPTConfig
 from captioner.prepare.hellaswag import download_hellaswag
 from captioner.tokenizer import gpt2_encoding
@@ -124,6 +133,35 @@ def test_batched_scores_equal_one_at_a_time(tiny_gpt):
             torch.testing.assert_close(mean_loss[j], ref_mean, rtol=1e-5, atol=1e-5)
             assert int(sum_loss[j].argmin()) == int(ref_sum.argmin())
             assert int(mean_loss[j].argmin()) == int(ref_mean.argmin())
+
+
+def test_packed_losses_equal_one_example_at_a_time(tiny_gpt):
+    """Contexts fed once with their 4 endings, several examples per row: the same losses as build-nanogpt's rows
+    (the over-long example falls back to one unit per row)."""
+    block_size = tiny_gpt.config.block_size
+    ref_counts, ref_preds = reference_counts_and_preds(tiny_gpt.eval(), EXAMPLES, block_size)
+    enc = gpt2_encoding()
+    rendered = [_truncate(*render_example(ex, enc), block_size) for ex in EXAMPLES]
+    units = [u for e, (rows, starts) in enumerate(rendered) for u in _units(e, rows, starts, block_size)]
+    assert len(units) == len(EXAMPLES) + 3  # example 4 is cut differently per row: 4 units instead of 1
+    rows = _pack(units, block_size)
+    assert len(rows) < len(units) and all(sum(map(len, row)) <= block_size for row in rows)
+    assert sorted(slot for row in rows for u in row for slot in u.owners) == list(range(4 * len(EXAMPLES)))
+    with torch.no_grad():
+        sum_loss, mean_loss = packed_ending_losses(tiny_gpt, rows, 4 * len(EXAMPLES), "cpu")  # (4E,) each
+    for e, (ref_sum, ref_mean) in enumerate(ref_preds):
+        torch.testing.assert_close(sum_loss[4 * e : 4 * e + 4], ref_sum, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(mean_loss[4 * e : 4 * e + 4], ref_mean, rtol=1e-5, atol=1e-5)
+    for batch_size in (1, 3, 100):
+        assert score_hellaswag(tiny_gpt, EXAMPLES, batch_size=batch_size, pack=True) == ref_counts
+    assert score_hellaswag(tiny_gpt, EXAMPLES, batch_size=3, pack=False) == ref_counts
+
+
+def test_packing_fills_rows():
+    sizes = [9, 1, 5, 5, 3, 7, 2, 8]
+    units = [_Unit([1] * (n - 1), [[2]], [i]) for i, n in enumerate(sizes)]
+    rows = _pack(units, 10)
+    assert [[len(u) for u in row] for row in rows] == [[9, 1], [8, 2], [7, 3], [5, 5]]
 
 
 def test_rank_split_counts_sum_to_world_one(tiny_gpt):

@@ -1,18 +1,25 @@
-"""HellaSwag scorer: build-nanogpt's rule, batched across examples and split across DDP ranks.
+"""HellaSwag scorer: build-nanogpt's rule, packed across examples and split across DDP ranks.
 
 For each example the model reads `ctx + " " + ending` for the 4 endings; an ending's loss is the cross-entropy of
 its own tokens only. `acc` picks the ending with the lowest summed loss, `acc_norm` the lowest mean loss (the
 number build-nanogpt reports; OpenAI's GPT-2 124M gets 0.2955 on the val split).
 
-Instead of one forward per example (4 rows), several examples' rows are right-padded into one batch. With causal
-attention, padding after a row's last token cannot change the logits at its earlier positions, and a mask keeps
-padding out of the losses, so the batched scores equal the one-at-a-time ones.
+Packed (our GPT, the default): an example's context is fed once, followed by its 4 endings, each ending at the
+positions it would have after the context and attending to the context and itself only; several examples share a
+row, each seeing only itself (a block-diagonal causal mask). Every ending token then sees exactly what it sees in
+its own row, so the losses equal build-nanogpt's, while the context is computed once instead of 4 times, no
+padding is fed, and the output layer runs only where an ending token is predicted. Losses are reduced per ending on
+the device; counts are read once at the end.
+
+Padded (any model returning logits, e.g. transformers'): several examples' rows are right-padded into one batch;
+with causal attention, padding after a row cannot change its earlier logits, and a mask keeps it out of the losses.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -75,6 +82,110 @@ def ending_losses(
     return sum_loss.view(-1, 4), mean_loss.view(-1, 4)
 
 
+@dataclass
+class _Unit:
+    """A prefix (context) followed by endings that each attend to it and to themselves; `owners[i]` is the
+    (example * 4 + ending) slot the loss of `endings[i]` goes to."""
+
+    prefix: list[int]
+    endings: list[list[int]]
+    owners: list[int]
+
+    def __len__(self) -> int:
+        return len(self.prefix) + sum(map(len, self.endings))
+
+
+def _units(example: int, rows: list[list[int]], starts: list[int], capacity: int) -> list[_Unit]:
+    """One unit for an example whose 4 (truncated) rows share their context and fit `capacity` together;
+    otherwise one unit per row, which is that row exactly."""
+    prefix = rows[0][: starts[0]]
+    owners = [4 * example + i for i in range(len(rows))]
+    endings = [row[start:] for row, start in zip(rows, starts)]
+    unit = _Unit(prefix, endings, owners)
+    if all(row[:start] == prefix for row, start in zip(rows, starts)) and len(unit) <= capacity:
+        return [unit]
+    return [
+        _Unit(row[:start], [end], [owner]) for row, start, end, owner in zip(rows, starts, endings, owners)
+    ]
+
+
+def _pack(units: list[_Unit], capacity: int) -> list[list[_Unit]]:
+    """Rows of units holding at most `capacity` tokens: the longest unit left opens a row, then the next longest
+    and the shortest units fill it while they fit."""
+    units = sorted(units, key=len, reverse=True)
+    rows, i, j = [], 0, len(units) - 1
+    while i <= j:
+        row, used = [units[i]], len(units[i])
+        i += 1
+        for step in (1, -1):  # longest first, then top up with the shortest
+            while i <= j and used + len(units[i if step == 1 else j]) <= capacity:
+                unit = units[i] if step == 1 else units[j]
+                row.append(unit)
+                used += len(unit)
+                i, j = (i + 1, j) if step == 1 else (i, j - 1)
+        rows.append(row)
+    return rows
+
+
+def packed_ending_losses(
+    model, packed_rows: list[list[_Unit]], n_slots: int, device
+) -> tuple[torch.Tensor, ...]:
+    """Summed and mean cross-entropy (n_slots,) float32 of every ending in these packed rows, in one forward.
+
+    Builds, per row: ids, positions, the unit and segment of each token (segment 0 the prefix, i + 1 ending i),
+    and for every scored token the flat index of the position that predicts it and the slot its loss goes to.
+    """
+    T = max(sum(map(len, row)) for row in packed_rows)
+    idx, pos, unit_of, segment = [], [], [], []
+    source, target, owner = [], [], []
+    for r, row in enumerate(packed_rows):
+        ids, positions, units, segments = [], [], [], []
+        for u, unit in enumerate(row):
+            base, c = len(ids), len(unit.prefix)
+            ids += unit.prefix
+            positions += range(c)
+            segments += [0] * c
+            for e, (ending, slot) in enumerate(zip(unit.endings, unit.owners)):
+                start = len(ids)
+                ids += ending
+                positions += range(c, c + len(ending))
+                segments += [e + 1] * len(ending)
+                # ending token t is predicted at the prefix's last position (t = 0) or at ending token t - 1
+                source += [r * T + base + c - 1, *range(r * T + start, r * T + start + len(ending) - 1)]
+                target += ending
+                owner += [slot] * len(ending)
+            units += [u] * (len(ids) - base)
+        pad = T - len(ids)
+        idx.append(ids + [0] * pad)
+        pos.append(positions + [0] * pad)
+        unit_of.append(units + [-1] * pad)  # padding is its own unit: it sees only padding, never scored
+        segment.append(segments + [0] * pad)
+    idx, pos = torch.tensor(idx, device=device), torch.tensor(pos, device=device)  # (R, T) each
+    unit_of, segment = torch.tensor(unit_of, device=device), torch.tensor(segment, device=device)  # (R, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()  # (T, T)
+    same_unit = unit_of[:, :, None] == unit_of[:, None, :]  # (R, T, T) query, key
+    visible = (segment[:, None, :] == 0) | (
+        segment[:, :, None] == segment[:, None, :]
+    )  # key is prefix or own ending
+    mask = (same_unit & visible & causal)[:, None]  # (R, 1, T, T)
+
+    hidden = model.hidden_states(idx, positions=pos, attn_mask=mask)  # (R, T, C)
+    hidden = hidden.view(-1, hidden.size(-1))  # (R*T, C)
+    source = torch.tensor(source, device=device)  # (M,) M scored tokens
+    target = torch.tensor(target, device=device)  # (M,)
+    owner = torch.tensor(owner, device=device)  # (M,)
+    losses = torch.cat([  # the (M, V) logits in chunks, so a big batch never holds them all at once
+        F.cross_entropy(model.lm_head(hidden[src]).float(), tgt, reduction="none")
+        for src, tgt in zip(source.split(LOGIT_CHUNK), target.split(LOGIT_CHUNK))
+    ])  # fmt: skip
+    sum_loss = torch.zeros(n_slots, device=device).index_add_(0, owner, losses)  # (n_slots,)
+    mean_loss = sum_loss / torch.bincount(owner, minlength=n_slots).clamp(min=1)  # (n_slots,)
+    return sum_loss, mean_loss
+
+
+LOGIT_CHUNK = 8192  # scored tokens per output-layer call: 8192 x 50304 fp32 logits = 1.6 GB
+
+
 def reduce_counts(counts: dict, device) -> dict:
     """Sum the integer counts over all ranks of the initialised process group."""
     t = torch.tensor([counts[k] for k in COUNT_KEYS], dtype=torch.long, device=device)  # (3,)
@@ -91,43 +202,82 @@ def score_hellaswag(
     rank: int = 0,
     world_size: int = 1,
     enc=None,
+    pack: bool | None = None,
 ) -> dict:
     """Count correct HellaSwag predictions: `{"n", "correct", "correct_norm"}`, summed over ranks.
 
     `model(idx)` with idx (B, T) must give logits (B, T, V) (bare, first of a tuple, or `.logits`). `examples`
     are dicts as from `load_examples`; rank r scores `examples[r::world_size]`, and when a process group is
     initialised and world_size > 1 the counts are all-reduced, so every rank returns the totals (every rank
-    must call this). `batch_size` counts examples (4 rows each). Contexts are cut from the left to fit
-    `model.config.block_size` when the model has one. `device` is where inputs go (default: the model's).
+    must call this). `batch_size` counts examples per forward (4 rows each when padded; packed rows are filled
+    up to it). Contexts are cut from the left to fit `model.config.block_size` when the model has one. `device` is
+    where inputs go (default: the model's). pack: pack examples (default when the model has `hidden_states`, as
+    our GPT) or right-pad them (any model returning logits).
     """
     enc = enc or gpt2_encoding()
     device = torch.device(device) if device is not None else next(model.parameters()).device
     block_size = getattr(getattr(model, "config", None), "block_size", None)
     mine = list(examples[rank::world_size])
     rendered = [_truncate(*render_example(ex, enc), block_size) for ex in mine]
-    # Batching examples of similar length keeps padding (wasted compute) small; counts do not depend on order.
-    order = sorted(range(len(mine)), key=lambda i: max(len(row) for row in rendered[i][0]))
-
-    counts = dict.fromkeys(COUNT_KEYS, 0)
+    labels = torch.tensor([ex["label"] for ex in mine], device=device)  # (E,)
+    if pack is None:
+        pack = hasattr(model, "hidden_states") and block_size is not None
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            for b in range(0, len(order), batch_size):
-                batch = order[b : b + batch_size]
-                sum_loss, mean_loss = ending_losses(
-                    model, [rendered[i] for i in batch], device
-                )  # (E, 4) each
-                labels = torch.tensor([mine[i]["label"] for i in batch], device=device)  # (E,)
-                counts["correct"] += int((sum_loss.argmin(dim=1) == labels).sum())
-                counts["correct_norm"] += int((mean_loss.argmin(dim=1) == labels).sum())
+            sum_loss = mean_loss = torch.zeros(0, 4, device=device)  # a rank may have no examples
+            if rendered:
+                score = _packed if pack else _padded
+                sum_loss, mean_loss = score(model, rendered, batch_size, block_size, device)
     finally:
         model.train(was_training)
-    counts["n"] = len(mine)
-
+    counts = {
+        "n": len(mine),
+        "correct": int((sum_loss.argmin(dim=1) == labels).sum()),
+        "correct_norm": int((mean_loss.argmin(dim=1) == labels).sum()),
+    }
     if world_size > 1 and dist.is_available() and dist.is_initialized():
         counts = reduce_counts(counts, device)
     return counts
+
+
+def _padded(model, rendered, batch_size, block_size, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E, 4) summed and mean losses, examples of similar length right-padded together."""
+    # Batching examples of similar length keeps padding (wasted compute) small; losses do not depend on order.
+    order = sorted(range(len(rendered)), key=lambda i: max(len(row) for row in rendered[i][0]))
+    sum_loss = torch.zeros(len(rendered), 4, device=device)
+    mean_loss = torch.zeros(len(rendered), 4, device=device)
+    for b in range(0, len(order), batch_size):
+        batch = torch.tensor(order[b : b + batch_size], device=device)
+        sum_loss[batch], mean_loss[batch] = ending_losses(
+            model, [rendered[i] for i in batch.tolist()], device
+        )
+    return sum_loss, mean_loss
+
+
+def _packed(model, rendered, batch_size, block_size, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E, 4) summed and mean losses, examples packed into rows (see the module docstring).
+
+    Rows hold up to max(PACK_LENGTH, the longest unit) tokens, at most the block size: long enough that few
+    tokens are left over, short enough that the dense attention mask does not cost more than the padding saved.
+    """
+    units = [
+        unit for e, (rows, starts) in enumerate(rendered) for unit in _units(e, rows, starts, block_size)
+    ]
+    capacity = min(block_size, max(PACK_LENGTH, max(map(len, units))))
+    rows = _pack(units, capacity)
+    sums, means = torch.zeros(4 * len(rendered), device=device), torch.zeros(4 * len(rendered), device=device)
+    tokens_per_forward = batch_size * sum(map(len, units)) // len(rendered)  # as many as batch_size examples
+    rows_per_forward = max(1, tokens_per_forward // capacity)
+    for b in range(0, len(rows), rows_per_forward):
+        s, m = packed_ending_losses(model, rows[b : b + rows_per_forward], 4 * len(rendered), device)
+        sums += s
+        means += m
+    return sums.view(-1, 4), means.view(-1, 4)
+
+
+PACK_LENGTH = 256
 
 
 def evaluate_hellaswag(
