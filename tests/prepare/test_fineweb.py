@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import captioner.prepare.fineweb as fineweb
-from captioner.data.token_shards import load_shard
+from captioner.data.token_shards import load_shard, shard_path
 from captioner.prepare.fineweb import prepare_fineweb
 from captioner.tokenizer import EOT, gpt2_encoding
 
@@ -21,7 +21,8 @@ DOCS = [
 ]
 DOCS[7] = "long " * 150
 DOCS[11] = ""
-SHARD = 96  # 971 tokens in all: 10 full shards and a tail of 11
+DOCS[12] = "special-token text is ordinary text: <|endoftext|> as build-nanogpt's encode_ordinary reads it"
+SHARD = 96  # 973 tokens in all: 10 full shards and a tail of 13
 
 
 def expected_tokens(docs):
@@ -67,13 +68,15 @@ def test_parquet_exact_packing_and_rerun_skips(tmp_path, parquet_file, capsys):
     assert [p.stat().st_mtime_ns for p in paths] == mtimes
 
 
-def test_jsonl_gz_and_max_docs(tmp_path):
-    plain, packed = tmp_path / "a.jsonl", tmp_path / "b.jsonl.gz"
-    plain.write_text("".join(json.dumps({"content": d}) + "\n" for d in DOCS[:20]))
+def test_jsonl_gz_json_array_and_max_docs(tmp_path):
+    plain, packed, array = tmp_path / "a.jsonl", tmp_path / "b.jsonl.gz", tmp_path / "c.json"
+    plain.write_text("".join(json.dumps({"content": d}) + "\n" for d in DOCS[:12]) + "\n")
     with gzip.open(packed, "wt") as f:
-        f.writelines(json.dumps({"content": d}) + "\n" for d in DOCS[20:])
+        f.writelines(json.dumps({"content": d, "n": 1}) + "\n" for d in DOCS[12:20])
+    array.write_text(json.dumps([{"content": d} for d in DOCS[20:]], indent=1))
     out = tmp_path / "out"
-    paths = prepare_fineweb(out, files=[plain, packed], shard_size=SHARD, num_proc=2, text_key="content")
+    files = [plain, packed, array]
+    paths = prepare_fineweb(out, files=files, shard_size=SHARD, num_proc=2, text_key="content")
     check_shards(paths, DOCS, out)
 
     few = prepare_fineweb(
@@ -82,30 +85,80 @@ def test_jsonl_gz_and_max_docs(tmp_path):
     check_shards(few, DOCS[:9], tmp_path / "few")
 
 
-def test_resume_after_interruption(tmp_path, parquet_file, monkeypatch):
+@pytest.mark.parametrize("docs_per_batch", [1, 5, 64])
+def test_same_shards_for_any_process_count_and_batch_size(
+    tmp_path, parquet_file, monkeypatch, docs_per_batch
+):
+    monkeypatch.setattr(fineweb, "DOCS_PER_BATCH", docs_per_batch)
+    for num_proc in (1, 3):
+        out = tmp_path / f"out{num_proc}"
+        check_shards(
+            prepare_fineweb(out, files=[parquet_file], shard_size=SHARD, num_proc=num_proc), DOCS, out
+        )
+
+
+def test_encode_matches_encode_ordinary():
+    enc = gpt2_encoding()
+    for text in ["", "a <|endoftext|> b", "lone surrogate \ud800 here", DOCS[3]]:
+        np.testing.assert_array_equal(fineweb.encode(text), enc.encode_ordinary(text))
+
+
+@pytest.mark.parametrize(("crash_after", "docs_per_batch"), [(3, 64), (3, 5), (1, 5), (7, 1)])
+def test_resume_after_interruption(tmp_path, parquet_file, monkeypatch, crash_after, docs_per_batch):
+    monkeypatch.setattr(fineweb, "DOCS_PER_BATCH", docs_per_batch)
     ref = prepare_fineweb(tmp_path / "ref", files=[parquet_file], shard_size=SHARD, num_proc=1)
     out = tmp_path / "out"
-    real_write, written = fineweb.write_shard, []
+    real_write, written = fineweb.save_npy, []
 
-    def crash_after_three(path, tokens):
-        if len(written) == 3:
+    def crash(path, tokens):
+        if len(written) == crash_after:
             raise KeyboardInterrupt
         real_write(path, tokens)
         written.append(path)
 
-    monkeypatch.setattr(fineweb, "write_shard", crash_after_three)
+    monkeypatch.setattr(fineweb, "save_npy", crash)
     with pytest.raises(KeyboardInterrupt):
         prepare_fineweb(out, files=[parquet_file], shard_size=SHARD, num_proc=2)
     manifest = json.loads((out / "edufineweb_manifest.json").read_text())
-    assert len(manifest["shards"]) == 3 and not manifest["complete"]
-    assert manifest["carry"] > 0  # shard 2 ends inside a document: resume must drop its written part
+    assert len(manifest["shards"]) == crash_after and not manifest["complete"]
+    if crash_after == 3:
+        assert manifest["carry"] > 0  # shard 2 ends inside a document: resume must drop its written part
     mtimes = [p.stat().st_mtime_ns for p in written]
 
-    monkeypatch.setattr(fineweb, "write_shard", real_write)
-    paths = prepare_fineweb(out, files=[parquet_file], shard_size=SHARD, num_proc=2)
+    # the documents already in shards are skipped, not tokenised again
+    monkeypatch.setattr(fineweb, "save_npy", real_write)
+    encoded = []
+    monkeypatch.setattr(
+        fineweb, "encode", lambda text, real=fineweb.encode: encoded.append(text) or real(text)
+    )
+    paths = prepare_fineweb(out, files=[parquet_file], shard_size=SHARD, num_proc=1)
+    assert encoded == DOCS[manifest["docs_done"] :]
     assert [p.name for p in paths] == [p.name for p in ref]
+    assert [p.read_bytes() for p in paths] == [p.read_bytes() for p in ref]
     assert [p.stat().st_mtime_ns for p in written] == mtimes
     check_shards(paths, DOCS, out)
+
+
+def test_shard_names_match_token_shards():
+    for i in (0, 1, 123):
+        split = "val" if i == 0 else "train"
+        assert fineweb.shard_name("edufineweb", i) == shard_path("d", "edufineweb", split, i).name
+
+
+def test_hub_dataset_streams_through_datasets(tmp_path, parquet_file, monkeypatch):
+    import datasets
+
+    real_load = datasets.load_dataset
+
+    def local_hub(path, name, split, streaming):
+        assert (path, name, split, streaming) == ("HuggingFaceFW/fineweb-edu", "sample-10BT", "train", True)
+        return real_load("parquet", data_files=[str(parquet_file)], split=split, streaming=True)
+
+    monkeypatch.setattr(datasets, "load_dataset", local_hub)
+    out = tmp_path / "out"
+    check_shards(prepare_fineweb(out, shard_size=SHARD, num_proc=2), DOCS, out)
+    with pytest.raises(KeyError, match="has no 'body' field"):
+        prepare_fineweb(tmp_path / "o2", shard_size=SHARD, num_proc=1, text_key="body")
 
 
 def test_errors(tmp_path, parquet_file):
@@ -113,6 +166,12 @@ def test_errors(tmp_path, parquet_file):
         prepare_fineweb(tmp_path / "o1", files=[tmp_path / "nope.parquet"], num_proc=1)
     with pytest.raises(KeyError, match="'body'"):
         prepare_fineweb(tmp_path / "o2", files=[parquet_file], text_key="body", num_proc=2)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"text": "a"}\n{"text": "b"}\n{"body": "c"}\n')
+    with pytest.raises(
+        KeyError, match=r"document 2 of .*rows\.jsonl has no 'text' field \(it has \['body'\]\)"
+    ):
+        prepare_fineweb(tmp_path / "o5", files=[rows], num_proc=1)
     prepare_fineweb(tmp_path / "o3", files=[parquet_file], shard_size=SHARD, num_proc=1, max_docs=3)
     with pytest.raises(ValueError, match="shard_size=96, now shard_size=50"):
         prepare_fineweb(tmp_path / "o3", files=[parquet_file], shard_size=50, num_proc=1, max_docs=3)

@@ -13,6 +13,7 @@ written atomically, so a shard on disk is whole.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import itertools
 import json
 import multiprocessing
@@ -21,57 +22,110 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from rich.console import Console
 from rich.progress import Progress, ProgressColumn, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
-from captioner.data.token_shards import load_shard, shard_path, write_shard
-from captioner.io import save_json
+from captioner.io import save_json, save_npy
 from captioner.tokenizer import EOT, gpt2_encoding
 
 JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
+Texts = Sequence[str] | pa.Array  # a batch of documents
+DOCS_PER_BATCH = 64  # one task for a tokeniser process: ~130k tokens of FineWeb-Edu, tens of milliseconds
 
 
-def tokenize(text: str) -> np.ndarray:
-    """One document → [EOT, *tokens] as uint16, shape (n + 1,)."""
-    return np.array([EOT, *gpt2_encoding().encode_ordinary(text)], dtype=np.uint16)
+def encode(text: str) -> np.ndarray:
+    """One document's GPT-2 token ids, special-token text encoded as ordinary text (`encode_ordinary`)."""
+    try:  # the numpy variant skips building a Python int per token
+        return gpt2_encoding().encode_to_numpy(text, disallowed_special=())
+    except UnicodeEncodeError:  # lone surrogates: encode_ordinary knows the fallback
+        return np.array(gpt2_encoding().encode_ordinary(text), dtype=np.uint32)
 
 
-def _builder(files: Sequence[Path]) -> str:
-    """The `datasets` packaged builder that reads these local files: "parquet" or "json"."""
-    kinds = set()
-    for f in files:
-        if not f.is_file():
-            raise FileNotFoundError(f"input file {f} does not exist")
-        if f.name.endswith(".parquet"):
-            kinds.add("parquet")
-        elif f.name.endswith(JSON_SUFFIXES):
-            kinds.add("json")
-        else:
-            raise ValueError(f"{f}: expected a .parquet, .jsonl, .json, .jsonl.gz or .json.gz file")
-    if len(kinds) > 1:
-        raise ValueError(
-            f"mix of parquet and json inputs ({', '.join(map(str, files))}); pass one kind at a time"
-        )
-    return kinds.pop()
+def tokenize_batch(texts: Texts) -> tuple[np.ndarray, np.ndarray]:
+    """Documents → their [EOT, *tokens] back to back as uint16, shape (N,), and each one's length, shape (D,)."""
+    if isinstance(texts, pa.Array):  # Arrow strings cross to a worker as one buffer and become str there
+        texts = texts.to_pylist()
+    ids = [encode(t) for t in texts]
+    lengths = np.array([len(a) + 1 for a in ids], dtype=np.int64)
+    tokens = np.empty(int(lengths.sum()), dtype=np.uint16)
+    pos = 0
+    for a in ids:
+        tokens[pos] = EOT
+        tokens[pos + 1 : pos + 1 + len(a)] = a  # GPT-2 ids are < 2**16, so the cast to uint16 is exact
+        pos += len(a) + 1
+    return tokens, lengths
 
 
-def documents(files: Sequence[Path] | None, dataset: str, name: str | None, text_key: str) -> Iterator[str]:
-    """Stream the text of every document, in order, from the hub dataset or the local files."""
-    from datasets import load_dataset  # heavy; only needed here
-
-    if files:
-        source = ", ".join(map(str, files))
-        rows = load_dataset(
-            _builder(files), data_files=[str(f) for f in files], split="train", streaming=True
-        )
-    else:
-        source = f"{dataset} ({name})"
-        rows = load_dataset(dataset, name=name, split="train", streaming=True)
+def _texts(rows: Sequence[dict], text_key: str, first: int, source: str) -> list[str]:
+    """The `text_key` field of rows `first`, `first + 1`, ... of source, or a KeyError naming the row without it."""
     for i, row in enumerate(rows):
         if text_key not in row:
-            raise KeyError(f"document {i} of {source} has no {text_key!r} field (it has {sorted(row)})")
-        yield row[text_key]
+            raise KeyError(
+                f"document {first + i} of {source} has no {text_key!r} field (it has {sorted(row)})"
+            )
+    return [row[text_key] for row in rows]
+
+
+def _hub_batches(dataset: str, name: str | None, text_key: str) -> Iterator[list[str]]:
+    from datasets import load_dataset  # heavy (streaming also imports torch); only needed here
+
+    for batch in load_dataset(dataset, name=name, split="train", streaming=True).iter(DOCS_PER_BATCH):
+        if text_key not in batch:
+            raise KeyError(f"{dataset} ({name}) has no {text_key!r} field (it has {sorted(batch)})")
+        yield batch[text_key]
+
+
+def _parquet_batches(path: Path, text_key: str) -> Iterator[pa.Array]:
+    file = pq.ParquetFile(path)
+    if text_key not in file.schema_arrow.names:
+        raise KeyError(f"{path} has no {text_key!r} field (it has {sorted(file.schema_arrow.names)})")
+    for batch in file.iter_batches(batch_size=DOCS_PER_BATCH, columns=[text_key]):
+        yield batch.column(0)
+
+
+def _json_batches(path: Path, text_key: str) -> Iterator[list[str]]:
+    """JSON Lines, or one JSON array of records (what `datasets`' json loader reads), optionally gzipped."""
+    with (gzip.open if path.name.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
+        head = f.readline()
+        if head.lstrip().startswith("["):
+            rows = iter(json.loads(head + f.read()))
+        else:
+            rows = (json.loads(line) for line in itertools.chain([head], f) if line.strip())
+        for first in itertools.count(0, DOCS_PER_BATCH):
+            if not (batch := list(itertools.islice(rows, DOCS_PER_BATCH))):
+                return
+            yield _texts(batch, text_key, first, str(path))
+
+
+def _local_batches(files: Sequence[Path], text_key: str) -> Iterator[Texts]:
+    for f in files:  # every name is checked before the first document is read
+        if not f.is_file():
+            raise FileNotFoundError(f"input file {f} does not exist")
+        if not f.name.endswith((".parquet", *JSON_SUFFIXES)):
+            raise ValueError(f"{f}: expected a .parquet, .jsonl, .json, .jsonl.gz or .json.gz file")
+    for f in files:
+        yield from (_parquet_batches if f.name.endswith(".parquet") else _json_batches)(f, text_key)
+
+
+def text_batches(
+    files: Sequence[Path] | None, dataset: str, name: str | None, text_key: str, start: int, stop: int | None
+) -> Iterator[Texts]:
+    """Stream the text of documents [start, stop) in order, in batches, from local files or the hub dataset.
+
+    Local files are read with pyarrow / json directly: `datasets` takes seconds to import, more than
+    tokenising a small corpus.
+    """
+    seen = 0
+    for texts in _local_batches(files, text_key) if files else _hub_batches(dataset, name, text_key):
+        lo, hi = max(start - seen, 0), len(texts) if stop is None else min(len(texts), stop - seen)
+        seen += len(texts)
+        if lo < hi:
+            yield texts[lo:hi]
+        if stop is not None and seen >= stop:
+            return
 
 
 class TokensPerSecond(ProgressColumn):
@@ -81,13 +135,16 @@ class TokensPerSecond(ProgressColumn):
 
 
 @contextlib.contextmanager
-def _token_stream(num_proc: int) -> Iterator[Callable[[Iterable[str]], Iterator[np.ndarray]]]:
-    """An ordered map of `tokenize` over documents: a process pool, or in-process for num_proc=1."""
+def _token_stream(
+    num_proc: int,
+) -> Iterator[Callable[[Iterable[Texts]], Iterator[tuple[np.ndarray, np.ndarray]]]]:
+    """An ordered map of `tokenize_batch` over batches of documents: a process pool, or in-process for num_proc=1."""
     if num_proc == 1:
-        yield lambda docs: map(tokenize, docs)
+        yield lambda batches: map(tokenize_batch, batches)
         return
+    gpt2_encoding()  # loaded once here, inherited by the forked workers
     with multiprocessing.Pool(num_proc) as pool:
-        yield lambda docs: pool.imap(tokenize, docs, chunksize=16)
+        yield lambda batches: pool.imap(tokenize_batch, batches)
 
 
 def _read_manifest(path: Path, settings: dict) -> dict:
@@ -108,13 +165,20 @@ def _read_manifest(path: Path, settings: dict) -> dict:
     return state
 
 
+def shard_name(prefix: str, index: int) -> str:
+    """`token_shards.shard_path`'s file name (a test holds them equal); that module imports Lightning, which
+    takes longer than tokenising a small corpus."""
+    return f"{prefix}_{'val' if index == 0 else 'train'}_{index:06d}.npy"
+
+
 def _write_if_changed(path: Path, tokens: np.ndarray) -> None:
     """Write a shard unless an identical one is already there (a run whose manifest update was lost)."""
     if path.exists():
-        with contextlib.suppress(ValueError):
-            if np.array_equal(load_shard(path), tokens):
+        with contextlib.suppress(ValueError, OSError, EOFError):
+            old = np.load(path, mmap_mode="r")
+            if old.dtype == np.uint16 and np.array_equal(old, tokens):
                 return
-    write_shard(path, tokens)
+    save_npy(path, tokens)
 
 
 def prepare_fineweb(
@@ -154,8 +218,7 @@ def prepare_fineweb(
         console.print(f"resuming after {len(state['shards'])} shard(s), {state['docs_done']:,} documents")
 
     def finish_shard(tokens: np.ndarray, docs_done: int, carry: int) -> None:
-        index = len(state["shards"])
-        path = shard_path(out_dir, prefix, "val" if index == 0 else "train", index)
+        path = out_dir / shard_name(prefix, len(state["shards"]))
         _write_if_changed(path, tokens)
         state["shards"].append(path.name)
         state.update(docs_done=docs_done, carry=carry)
@@ -166,7 +229,7 @@ def prepare_fineweb(
     fill = 0
     docs_done, carry = state["docs_done"], state["carry"]
     stop = None if max_docs is None else max(max_docs, docs_done)
-    texts = itertools.islice(documents(files, dataset, name, text_key), docs_done, stop)
+    batches = text_batches(files, dataset, name, text_key, docs_done, stop)
     columns = (
         TextColumn("[bold]{task.description}"),
         TextColumn("{task.completed:,.0f} tokens"),
@@ -178,25 +241,25 @@ def prepare_fineweb(
         Progress(*columns, console=console, disable=not console.is_terminal) as progress,
     ):
         task = progress.add_task(f"tokenising into {out_dir}", total=None)
-        for tokens in tokenize_all(texts):
+        for tokens, lengths in tokenize_all(batches):
             # on resume, the first document's first `carry` tokens are already in the last finished shard
-            start, carry = carry, 0
-            if start >= len(tokens):
+            pos, carry = carry, 0
+            if pos >= lengths[0]:
                 raise ValueError(
                     f"{manifest}: document {docs_done} is shorter than the manifest says; the source changed "
                     "since the last run; delete the manifest and shards to start over"
                 )
-            pos = start
+            ends = np.cumsum(lengths)  # where each document ends in `tokens`
+            progress.advance(task, len(tokens) - pos)
             while pos < len(tokens):
                 take = min(shard_size - fill, len(tokens) - pos)
                 buf[fill : fill + take] = tokens[pos : pos + take]
                 fill, pos = fill + take, pos + take
                 if fill == shard_size:
-                    doc_done = pos == len(tokens)
-                    finish_shard(buf, docs_done + doc_done, 0 if doc_done else pos)
+                    done = int(np.searchsorted(ends, pos, side="right"))  # documents of this batch written
+                    finish_shard(buf, docs_done + done, pos - (int(ends[done - 1]) if done else 0))
                     fill = 0
-            docs_done += 1
-            progress.advance(task, len(tokens) - start)
+            docs_done += len(lengths)
         if fill >= 2:
             finish_shard(buf[:fill], docs_done, 0)
         elif fill:  # a 1-token shard holds no (x, y) pair and readers reject it
