@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import lightning as L
 import numpy as np
 import torch
+import torch.distributed as dist
 from lightning.pytorch.strategies import FSDPStrategy
 from torch.distributed.fsdp import FullyShardedDataParallel
 
@@ -60,10 +61,17 @@ class TrainingModule(L.LightningModule):
     """Base for both stages: owns the optimizer recipe, logs lr and the pre-clip gradient norm once per optimizer
     step, logs the accumulation-averaged train loss (as build-nanogpt prints it), and checkpoints RNG state.
 
-    Non-finite guard: an optimizer step whose loss or gradient norm is not finite (on any rank) is skipped — its
-    gradients are dropped, so AdamW leaves weights and moments untouched — and counted (`train/skipped_steps`);
-    after `optim.max_skipped_steps` such steps in a row the run stops with DivergedError. Weights therefore never
-    take a non-finite update, and every checkpoint holds the last good ones.
+    Non-finite guard: an optimizer step whose loss or gradient norm is not finite (on any rank) is skipped — AdamW
+    leaves weights, moments and step count untouched — and counted (`train/skipped_steps`); after
+    `optim.max_skipped_steps` such steps in a row the run stops with DivergedError. Weights therefore never take a
+    non-finite update, and every checkpoint holds the last good ones.
+
+    The training step never waits for the device: the verdict is a device tensor. A fused AdamW (CUDA) skips on
+    the device through its `found_inf` input (as under GradScaler); another optimizer reads the verdict on the
+    host and drops the gradients (free on a CPU). The host learns a fused step's verdict one step later, so a
+    diverging GPU run stops one step after the limit (that step's update is skipped as well). Under DDP the loss
+    is averaged over ranks with one collective without a barrier, and the gradient norm is the same on every
+    rank, so every rank takes the same decision with no further communication.
     """
 
     def __init__(self, optim: dict | None = None):
@@ -71,9 +79,15 @@ class TrainingModule(L.LightningModule):
         self.optim_cfg = OptimConfig(**(optim or {}))
         self._loss_sum = 0.0
         self._loss_count = 0
-        self._loss_finite = True
+        self._step_loss: torch.Tensor | None = (
+            None  # this optimizer step's loss, averaged over micro-batches and ranks
+        )
+        self._verdict: tuple | None = (
+            None  # (skipped?, its device event, step) of the last step, not yet counted
+        )
         self._skipped_total = 0
         self._skipped_in_a_row = 0
+        self._verdict_step = 0
         self._tokens_seen = 0  # all ranks, whole run: an x-axis comparable across batch sizes and resumes
 
     def trainable_module(self) -> torch.nn.Module:
@@ -101,14 +115,21 @@ class TrainingModule(L.LightningModule):
         self._tokens_seen += tokens * (self.trainer.world_size if self._trainer is not None else 1)
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        self._loss_finite = True
+        self._step_loss = None
         if self._loss_count:
-            loss = self._loss_sum / self._loss_count
-            self.log("train/loss", loss, on_step=True, sync_dist=True)
-            self._loss_finite = bool(torch.isfinite(loss))
+            self._step_loss = self._mean_over_ranks(self._loss_sum / self._loss_count)
+            self.log("train/loss", self._step_loss, on_step=True)
         self._loss_sum, self._loss_count = 0.0, 0
         self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True)
         self.log("train/tokens_seen", float(self._tokens_seen), on_step=True)
+
+    def _mean_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
+        # Not `self.log(sync_dist=True)`: Lightning puts a barrier before its all-reduce, a host sync every step.
+        if self._trainer is None or self.trainer.world_size == 1 or not dist.is_initialized():
+            return value
+        value = value.detach().clone()
+        dist.all_reduce(value)  # SUM: AVG is NCCL-only
+        return value / self.trainer.world_size
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         # Log the total norm before clipping, as build-nanogpt prints it; clip only when configured.
@@ -123,28 +144,54 @@ class TrainingModule(L.LightningModule):
         self._guard_nonfinite(optimizer, norm)
 
     def _guard_nonfinite(self, optimizer, norm: torch.Tensor) -> None:
-        # One host sync per optimizer step (not per micro-batch); every rank takes the same decision, so DDP
-        # replicas stay identical.
-        bad = not (self._loss_finite and bool(torch.isfinite(norm)))
-        if self._trainer is not None:
-            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
-        if not bad:
-            self._skipped_in_a_row = 0
-        else:
+        self._count_verdict()  # the previous step's, if it was left on the device
+        self._stop_if_diverged()
+        skip = ~torch.isfinite(norm)
+        if self._step_loss is not None:
+            skip = skip | ~torch.isfinite(self._step_loss)
+        verdict, event = skip, None
+        if optimizer.defaults.get("fused"):
+            optimizer.found_inf = skip.float()  # the fused kernel skips the whole update on the device
+            if skip.is_cuda:
+                # the verdict comes to the host with the step's other work; counted at the next step
+                verdict = torch.empty((), dtype=torch.bool, pin_memory=True).copy_(skip, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+        elif bool(skip):
             for group in optimizer.param_groups:
                 for p in group["params"]:
                     p.grad = None  # AdamW skips parameters without a gradient: no update, no moment change
+        self.log("train/skipped_steps", self._skipped_total + skip.float(), on_step=True)
+        self._verdict = (verdict, event, self.global_step + 1)
+        if event is None:
+            self._count_verdict()
+            self._stop_if_diverged()
+
+    def _count_verdict(self) -> None:
+        if self._verdict is None:
+            return
+        skip, event, self._verdict_step = self._verdict
+        self._verdict = None
+        if event is not None:
+            event.synchronize()  # recorded a step ago: normally long done
+        if bool(skip):
             self._skipped_total += 1
             self._skipped_in_a_row += 1
-        self.log("train/skipped_steps", float(self._skipped_total), on_step=True)
+        else:
+            self._skipped_in_a_row = 0
+
+    def _stop_if_diverged(self) -> None:
         if self._skipped_in_a_row >= self.optim_cfg.max_skipped_steps:
             raise DivergedError(self._diverged_message())
 
+    def on_train_end(self) -> None:
+        self._count_verdict()
+        self._stop_if_diverged()
+
     def _diverged_message(self) -> str:
-        step = self.global_step + 1  # the optimizer step being taken
-        last = next(
-            (cb.last_model_path for cb in self.trainer.checkpoint_callbacks if cb.last_model_path), None
-        )
+        step = self._verdict_step  # the last skipped optimizer step
+        callbacks = self.trainer.checkpoint_callbacks if self._trainer is not None else []
+        last = next((cb.last_model_path for cb in callbacks if cb.last_model_path), None)
         return (
             f"step {step}: the loss or gradient norm was not finite for {self._skipped_in_a_row} optimizer steps in "
             f"a row (each skipped, weights untouched); stopping. Last good checkpoint: {last or 'none saved yet'}. "
@@ -177,6 +224,7 @@ class TrainingModule(L.LightningModule):
             yield
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self._count_verdict()
         checkpoint["rng_state"] = rng_state()
         checkpoint["skipped_steps"] = self._skipped_total
         checkpoint["tokens_seen"] = self._tokens_seen

@@ -148,12 +148,12 @@ class ThroughputCallback(pl.Callback):
         if step == self._last_step:  # still accumulating gradients
             return
         self._last_step = step
-        now = self._clock(pl_module)
         if self._window_start is None:  # first step of this fit: start measuring from here
-            self._window_start, self._window_tokens, self._window_flops = now, 0, 0.0
+            self._window_start, self._window_tokens, self._window_flops = self._clock(pl_module), 0, 0.0
             return
         if step % self.log_every_n_steps != 0:
-            return
+            return  # no clock read: on a GPU it waits for the device
+        now = self._clock(pl_module)
         elapsed = now - self._window_start
         tokens_per_sec = self._window_tokens * trainer.world_size / elapsed
         flops = float(self._window_flops)
