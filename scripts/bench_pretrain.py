@@ -18,12 +18,17 @@ benchmarks run one thread by default (see `set_cpu_threads`).
 from __future__ import annotations
 
 import argparse
+import ast
+import builtins
 import contextlib
+import io
 import logging
 import os
 import statistics
+import sys
 import tempfile
 import time
+import types
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -172,6 +177,7 @@ class TrainResult:
     final_loss: float
     flops_per_token: float
     peak_flops: float | None  # bf16 dense peak of the GPU, None on CPU or an unlisted GPU
+    cpu_seconds: list[float] | None = None  # process CPU time of the same steps (all threads), when recorded
 
     @property
     def tokens_per_sec(self) -> float:
@@ -182,6 +188,13 @@ class TrainResult:
     def tokens_per_sec_median(self) -> float:
         """From the median step: robust to bursts of other work on a shared machine."""
         return self.tokens_per_step / statistics.median(self.step_seconds)
+
+    @property
+    def tokens_per_cpu_sec(self) -> float | None:
+        """Tokens per second of process CPU time: on a shared CPU, time spent descheduled does not count."""
+        return (
+            self.tokens_per_step * len(self.cpu_seconds) / sum(self.cpu_seconds) if self.cpu_seconds else None
+        )
 
     @property
     def mfu(self) -> float | None:
@@ -210,10 +223,11 @@ def _datamodule(data_dir: Path, setup: TrainSetup) -> TokenShardDataModule:
     )
 
 
-def _result(path, setup, step_ends, final_loss, device, flops_per_token) -> TrainResult:
+def _result(path, setup, step_ends, final_loss, device, flops_per_token, cpu_ends=None) -> TrainResult:
     return TrainResult(
         path=path,
         step_seconds=step_durations(step_ends, setup.warmup),
+        cpu_seconds=step_durations(cpu_ends, setup.warmup) if cpu_ends else None,
         tokens_per_step=setup.tokens_per_step,
         final_loss=final_loss,
         flops_per_token=flops_per_token,
@@ -227,12 +241,14 @@ class StepTimer(L.Callback):
     def __init__(self):
         super().__init__()
         self.times: list[float] = []
+        self.cpu_times: list[float] = []
         self._step = 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step != self._step:
             self._step = trainer.global_step
             self.times.append(clock(pl_module.device))
+            self.cpu_times.append(time.process_time())
 
 
 def run_lightning(data_dir: Path, setup: TrainSetup, device: torch.device) -> TrainResult:
@@ -331,6 +347,285 @@ def format_training(results: dict[str, TrainResult]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# build-nanogpt's own model and loop vs captioner-train
+
+
+class _TorchWithoutAutocast:
+    """`torch` for build-nanogpt's loop at fp32: it hard-codes `torch.autocast(..., dtype=torch.bfloat16)`, its one
+    precision setting, so the fp32 comparison runs it with that context as a no-op and everything else as torch."""
+
+    @staticmethod
+    def autocast(*args, **kwargs):
+        return contextlib.nullcontext()
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+def _is_periodic(stmt: ast.stmt) -> bool:
+    """`if step % 250 == 0 or last_step: ...`: the loop's validation, HellaSwag, sampling and checkpoint blocks."""
+    return isinstance(stmt, ast.If) and any(
+        isinstance(n, ast.BinOp)
+        and isinstance(n.op, ast.Mod)
+        and isinstance(n.left, ast.Name)
+        and n.left.id == "step"
+        for n in ast.walk(stmt.test)
+    )
+
+
+def _lines(stmts: list[ast.stmt]) -> str:
+    return ", ".join(
+        f"{s.lineno}-{s.end_lineno}" if s.end_lineno != s.lineno else str(s.lineno) for s in stmts
+    )
+
+
+class BuildNanoGPT:
+    """build-nanogpt's `train_gpt2.py`, executed from the file at run time (nothing of it is copied here).
+
+    The file is a script whose top level sets up DDP, reads FineWeb shards from ./edu_fineweb10B and trains for
+    19,073 steps, so it is not imported but parsed (`ast`) and run in pieces:
+    - its imports and its class and function definitions (GPT and its blocks, GPTConfig, DataLoaderLite,
+      load_tokens, get_lr, ...) run as they are, into one namespace; an import that fails (its `hellaswag`
+      module, which only the evaluation uses) is skipped and named in `skipped_imports`;
+    - the top-level setup is not run; `bind` sets the globals it would have set (no DDP, the device, B, T,
+      grad_accum_steps, the lr schedule's constants, model, optimizer, train_loader, log_file) from the benchmark,
+      building model and optimizer with the file's own `GPT(GPTConfig(...))` and `configure_optimizers` and the
+      loader with its own `DataLoaderLite` (which reads ./edu_fineweb10B: the caller runs it in that directory);
+    - the body of `for step in range(max_steps):` runs once per optimizer step, `step` bound, minus its periodic
+      blocks (the `if`s testing `step % ...`: validation, HellaSwag, sampling, checkpoints), so what runs is
+      its training step as it ships: zero_grad, micro-steps (next_batch, forward under its autocast, backward),
+      clip_grad_norm_, get_lr, optimizer.step, its cuda synchronize, its tok/sec print (captured) and log line.
+    At fp32 its `torch.autocast` is made a no-op (`_TorchWithoutAutocast`); under bf16-mixed it runs as shipped.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        filename = str(self.path)
+        tree = ast.parse(self.path.read_text(), filename=filename)
+        # a module of its own (dataclasses look their class's module up in sys.modules)
+        module = types.ModuleType("build_nanogpt")
+        module.__file__ = filename
+        sys.modules[module.__name__] = module
+        self.namespace: dict = vars(module)
+        self.skipped_imports: list[str] = []
+        for node in tree.body:
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                try:
+                    exec(compile(ast.Module([node], []), filename, "exec", dont_inherit=True), self.namespace)
+                except ImportError:
+                    self.skipped_imports.append(ast.unparse(node))
+            elif isinstance(node, (ast.ClassDef, ast.FunctionDef)):
+                exec(compile(ast.Module([node], []), filename, "exec", dont_inherit=True), self.namespace)
+        loop = next(
+            (
+                n
+                for n in tree.body
+                if isinstance(n, ast.For) and isinstance(n.target, ast.Name) and n.target.id == "step"
+            ),
+            None,
+        )
+        if loop is None:
+            raise ValueError(
+                f"{filename}: no top-level `for step in ...:` loop; is this build-nanogpt's train_gpt2.py?"
+            )
+        self.kept = [s for s in loop.body if not _is_periodic(s)]
+        self.dropped = [s for s in loop.body if _is_periodic(s)]
+        calls = {ast.unparse(n.func) for s in self.kept for n in ast.walk(s) if isinstance(n, ast.Call)}
+        if not {"optimizer.step", "loss.backward"} <= calls:
+            raise ValueError(f"{filename}: the training loop has no loss.backward() and optimizer.step()")
+        self.step_code = compile(ast.Module(self.kept, []), filename, "exec", dont_inherit=True)
+        stored = {
+            n.id
+            for s in self.kept
+            for n in ast.walk(s)
+            if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)
+        }
+        loaded = {
+            n.id
+            for s in self.kept
+            for n in ast.walk(s)
+            if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)
+        }
+        self.free_names = loaded - stored - set(dir(builtins)) - {"step"}
+        self.printed: list[str] = []
+
+    def describe(self) -> str:
+        return (
+            f"build-nanogpt: {self.path} | its loop body runs (lines {_lines(self.kept)}), "
+            f"periodic blocks off (lines {_lines(self.dropped)})"
+            + (f" | skipped imports: {'; '.join(self.skipped_imports)}" if self.skipped_imports else "")
+        )
+
+    def _print(self, *args, **kwargs) -> None:
+        self.printed.append(" ".join(str(a) for a in args))
+
+    def bind(self, setup: TrainSetup, device: torch.device, weights: dict, log_file: Path) -> dict:
+        """Set the globals of its setup code; returns the globals its loop body runs with."""
+        ns = self.namespace
+        c = OptimConfig(**setup.optim())
+        ns.update(
+            print=self._print, ddp=False, ddp_rank=0, ddp_local_rank=0, ddp_world_size=1, master_process=True,
+            device=str(device), device_type="cuda" if device.type == "cuda" else "cpu", use_compile=False,
+            B=setup.micro_batch, T=setup.seq_len, grad_accum_steps=setup.accum, log_file=str(log_file),
+            max_lr=c.lr, min_lr=c.lr * c.min_lr_ratio, warmup_steps=c.warmup_steps, max_steps=c.max_steps,
+        )  # fmt: skip
+        shape = {k: v for k, v in asdict(setup.gpt_config()).items()}
+        model = ns["GPT"](ns["GPTConfig"](**shape))
+        model.load_state_dict(weights)  # the same initial weights as ours (GPT-2 parameter names on both)
+        model.to(device)
+        ns["model"] = ns["raw_model"] = model
+        ns["optimizer"] = model.configure_optimizers(
+            weight_decay=c.weight_decay, learning_rate=c.lr, device_type=ns["device_type"]
+        )
+        ns["train_loader"] = ns["DataLoaderLite"](
+            B=setup.micro_batch, T=setup.seq_len, process_rank=0, num_processes=1, split="train"
+        )
+        missing = sorted(name for name in self.free_names if name not in ns)
+        if missing:
+            raise ValueError(
+                f"{self.path}: its training loop reads names this benchmark does not set: {missing}"
+            )
+        return dict(ns, torch=_TorchWithoutAutocast()) if setup.precision == "32-true" else dict(ns)
+
+
+BNG_DATA_DIR = "edu_fineweb10B"  # DataLoaderLite's data_root, relative to the working directory
+
+
+def run_bng(bng: BuildNanoGPT, root: Path, setup: TrainSetup, device: torch.device) -> TrainResult:
+    """build-nanogpt's training step for setup.total_steps optimizer steps on the shards in root/edu_fineweb10B,
+    starting from our GPT's initial weights for setup.seed."""
+    torch.manual_seed(setup.seed)
+    weights = GPT(setup.gpt_config()).state_dict()
+    step_ends, cpu_ends = [], []
+    with contextlib.chdir(root):  # DataLoaderLite opens ./edu_fineweb10B/<shard> whenever it moves on
+        loop_globals = bng.bind(setup, device, weights, root / "bng_log.txt")
+        for step in range(setup.total_steps):
+            loop_globals["step"] = step
+            exec(bng.step_code, loop_globals)
+            step_ends.append(clock(device))
+            cpu_ends.append(time.process_time())
+    final_loss = float(loop_globals["loss_accum"])
+    flops = GPT(setup.gpt_config()).flops_per_token(setup.seq_len)
+    return _result("build-nanogpt", setup, step_ends, final_loss, device, flops, cpu_ends)
+
+
+def captioner_train_overrides(
+    data_dir: Path, run_dir: Path, setup: TrainSetup, device: torch.device
+) -> list[str]:
+    """`captioner-train experiment=demo_pretrain` at the benchmark's shapes, without validation or HellaSwag, reading
+    the same windows in file order (data.shuffle=false) as build-nanogpt's DataLoaderLite, CSV logger only."""
+    c = OptimConfig(**setup.optim())
+    return [
+        "experiment=demo_pretrain", f"paths.run_dir={run_dir}", "logger=none",
+        f"trainer={'gpu' if device.type == 'cuda' else 'cpu'}", f"trainer.precision={setup.precision}",
+        f"trainer.max_steps={setup.total_steps}", f"seed={setup.seed}",
+        f"model.gpt.name={setup.model}", f"model.compile={setup.compile}", "model.hellaswag.path=null",
+        f"model.optim.lr={c.lr}", f"model.optim.warmup_steps={c.warmup_steps}", f"model.optim.max_steps={c.max_steps}",
+        f"data.data_dir={data_dir}", f"data.seq_len={setup.seq_len}", f"data.micro_batch_size={setup.micro_batch}",
+        f"data.total_batch_tokens={setup.tokens_per_step}", f"data.val_tokens={setup.seq_len}", "data.shuffle=false",
+        "data.num_workers=0", "val_every_n_steps=1000000", "ckpt_every_n_steps=1000000", "validate_at_end=false",
+    ]  # fmt: skip
+
+
+def run_captioner_train(
+    data_dir: Path, run_dir: Path, setup: TrainSetup, device: torch.device, overrides: tuple[str, ...] = ()
+) -> TrainResult:
+    """captioner-train's `train(cfg)` (our Trainer, callbacks, logger, PretrainModule, TokenShardDataModule), with
+    a step clock appended to its callbacks; its console output is captured."""
+    from hydra import compose, initialize_config_dir
+
+    from captioner.cli.train import CONFIG_DIR, train
+
+    quiet_lightning()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(
+            "train", overrides=[*captioner_train_overrides(data_dir, run_dir, setup, device), *overrides]
+        )
+    timer = StepTimer()
+    with contextlib.redirect_stdout(io.StringIO()):
+        metrics = train(cfg, callbacks=[timer])
+    flops = GPT(setup.gpt_config()).flops_per_token(setup.seq_len)
+    return _result(
+        "captioner-train", setup, timer.times, metrics["train/loss"], device, flops, timer.cpu_times
+    )
+
+
+def compare_bng(
+    bng: BuildNanoGPT,
+    setup: TrainSetup,
+    device: torch.device,
+    repeats: int = 3,
+    overrides: tuple[str, ...] = (),
+) -> dict[str, list[TrainResult]]:
+    """build-nanogpt's loop and captioner-train, `repeats` runs each in ABBA order on the same shard files."""
+    setup_backend(device)
+    runs: dict[str, list[TrainResult]] = {"build-nanogpt": [], "captioner-train": []}
+    with tempfile.TemporaryDirectory(prefix="bench_bng_") as tmp:
+        root = Path(tmp)
+        data_dir = write_token_shards(root / BNG_DATA_DIR, setup)
+        for r in range(repeats):
+            for side in ("build-nanogpt", "captioner-train")[:: 1 if r % 2 == 0 else -1]:
+                if side == "build-nanogpt":
+                    runs[side].append(run_bng(bng, root, setup, device))
+                else:
+                    runs[side].append(
+                        run_captioner_train(data_dir, root / f"run{r}", setup, device, overrides)
+                    )
+    return runs
+
+
+def _pooled(results: list[TrainResult]) -> TrainResult:
+    def pool(name):
+        values = [getattr(r, name) for r in results]
+        return None if None in values else [s for v in values for s in v]
+
+    return replace(results[0], step_seconds=pool("step_seconds"), cpu_seconds=pool("cpu_seconds"))
+
+
+def format_bng(runs: dict[str, list[TrainResult]]) -> str:
+    """Per run, then per side pooled over its runs with the per-run range, then the ratio ours/theirs; on a CPU
+    the same again per second of process CPU time (robust to other processes taking the core)."""
+    cpu = (
+        all(r.cpu_seconds for results in runs.values() for r in results)
+        and runs["build-nanogpt"][0].mfu is None
+    )
+    rows = []
+    for r in range(len(runs["build-nanogpt"])):
+        for side, results in runs.items():
+            res = results[r]
+            rows.append(
+                [f"{r + 1}", side, f"{res.tokens_per_sec:,.0f}", f"{res.tokens_per_sec_median:,.0f}",
+                 f"{1000 * res.tokens_per_step / res.tokens_per_sec:.1f}",
+                 *([f"{res.tokens_per_cpu_sec:,.0f}"] if cpu else []), f"{res.final_loss:.6f}"]
+            )  # fmt: skip
+    headers = ["run", "side", "tokens/s", "tokens/s (median step)", "ms/step"]
+    headers += ["tokens/CPU-s"] if cpu else []
+    out = [table([*headers, "final loss"], rows, left=2), ""]
+    metrics = [("tokens/s", "tokens_per_sec"), ("tokens/s median step", "tokens_per_sec_median")]
+    metrics += [("tokens/CPU-s", "tokens_per_cpu_sec")] if cpu else []
+    summary, ratios = [], []
+    ours, theirs = runs["captioner-train"], runs["build-nanogpt"]
+    for label, attr in metrics:
+        for side, results in runs.items():
+            per_run = [getattr(res, attr) for res in results]
+            summary.append(
+                [
+                    label,
+                    side,
+                    f"{getattr(_pooled(results), attr):,.0f}",
+                    f"{min(per_run):,.0f}-{max(per_run):,.0f}",
+                ]
+            )
+        pair = [getattr(a, attr) / getattr(b, attr) for a, b in zip(ours, theirs)]
+        ratio = getattr(_pooled(ours), attr) / getattr(_pooled(theirs), attr)
+        ratios.append(
+            f"ratio captioner-train/build-nanogpt, {label}: {ratio:.3f} (run pairs {min(pair):.3f}-{max(pair):.3f})"
+        )
+    out.append(table(["measure", "side", "all runs", "per-run min-max"], summary, left=2))
+    return "\n".join(out + ratios)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # HellaSwag scoring
 
 
@@ -388,9 +683,16 @@ def format_hellaswag(results: list[dict], precision: str = "32-true") -> str:
 # command line
 
 GPU_DEFAULTS = dict(
-    model="gpt2_124m", micro_batch=8, seq_len=1024, steps=20, warmup=5, repeats=1, hellaswag=256
+    model="gpt2_124m", micro_batch=8, seq_len=1024, accum=2, steps=20, warmup=5, repeats=1, hellaswag=256
 )
-CPU_DEFAULTS = dict(model="demo", micro_batch=4, seq_len=128, steps=8, warmup=2, repeats=2, hellaswag=64)
+CPU_DEFAULTS = dict(
+    model="demo", micro_batch=4, seq_len=128, accum=2, steps=8, warmup=2, repeats=2, hellaswag=64
+)
+# --bng: issue #10's comparison (CPU: demo GPT, 8 x 128 x accumulation 4, three runs a side)
+BNG_GPU_DEFAULTS = dict(
+    model="gpt2_124m", micro_batch=16, seq_len=1024, accum=4, steps=10, warmup=3, repeats=3
+)
+BNG_CPU_DEFAULTS = dict(model="demo", micro_batch=8, seq_len=128, accum=4, steps=10, warmup=2, repeats=3)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -407,7 +709,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--precision", choices=PRECISIONS, help="default: bf16-mixed on CUDA, 32-true on CPU")
     p.add_argument("--micro-batch", type=int, help="sequences per micro-batch (GPU: 8, CPU: 4)")
     p.add_argument("--seq-len", type=int, help="tokens per sequence (GPU: 1024, CPU: 128)")
-    p.add_argument("--accum", type=int, default=2, help="micro-batches per optimizer step (default 2)")
+    p.add_argument("--accum", type=int, help="micro-batches per optimizer step (default 2; --bng: 4)")
     p.add_argument("--steps", type=int, help="timed optimizer steps per run (GPU: 20, CPU: 8)")
     p.add_argument("--warmup", type=int, help="untimed optimizer steps first, >= 1 (GPU: 5, CPU: 2)")
     p.add_argument("--repeats", type=int, help="runs per path in ABBA order, steps pooled (GPU: 1, CPU: 2)")
@@ -418,7 +720,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--hellaswag", type=int, help="shapes HellaSwag examples to score (GPU: 256, CPU: 64; 0 skips)"
     )
-    return fill_defaults(p.parse_args(argv), CPU_DEFAULTS, GPU_DEFAULTS)
+    p.add_argument(
+        "--bng",
+        metavar="PATH/train_gpt2.py",
+        help="instead: build-nanogpt's own GPT and training loop, executed from this file, vs captioner-train\n"
+        "(CPU: demo GPT, 8 x 128 x accum 4, 3 runs a side; GPU: gpt2_124m, 16 x 1024 x accum 4)",
+    )
+    p.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="with --bng: a captioner-train override (repeatable), e.g. model.compile=true, logger=default",
+    )
+    args = p.parse_args(argv)
+    if args.bng:
+        return fill_defaults(args, BNG_CPU_DEFAULTS, BNG_GPU_DEFAULTS)
+    return fill_defaults(args, CPU_DEFAULTS, GPU_DEFAULTS)
 
 
 def fill_defaults(args: argparse.Namespace, cpu: dict, gpu: dict) -> argparse.Namespace:
@@ -457,6 +775,17 @@ def main(argv=None) -> None:
         f"{setup.tokens_per_step:,} tokens/step | {setup.steps} timed steps after {setup.warmup} warm-up | "
         f"repeats {args.repeats}\n"
     )
+    if args.bng:
+        bng = BuildNanoGPT(args.bng)
+        print(bng.describe())
+        overrides = " ".join(args.override)
+        print(
+            f"captioner-train experiment=demo_pretrain (+ the benchmark's shapes){' ' + overrides if overrides else ''}\n"
+        )
+        print(format_bng(compare_bng(bng, setup, device, args.repeats, tuple(args.override))))
+        print(f"build-nanogpt's last line: {bng.printed[-1] if bng.printed else '(none)'}")
+        print(f"load average after: {os.getloadavg()[0]:.1f}")
+        return
     print(format_training(compare_training(setup, device, repeats=args.repeats)))
     if args.hellaswag:
         torch.manual_seed(setup.seed)

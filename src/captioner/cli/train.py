@@ -106,8 +106,9 @@ def log_run_config(trainer: L.Trainer, cfg: DictConfig) -> None:
         logger.log_hyperparams({"run": derived, "config": config})
 
 
-def train(cfg: DictConfig) -> dict:
-    """Fit (and finally validate) the configured module; returns the last logged metrics."""
+def train(cfg: DictConfig, callbacks: list | None = None) -> dict:
+    """Fit (and finally validate) the configured module; returns the last logged metrics. `callbacks` run after
+    the configured ones (a benchmark's step clock)."""
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere+ for whatever runs outside autocast
     run_dir = Path(cfg.paths.run_dir)
@@ -120,7 +121,7 @@ def train(cfg: DictConfig) -> dict:
     trainer = L.Trainer(
         **OmegaConf.to_container(cfg.trainer, resolve=True),
         logger=loggers,
-        callbacks=instantiate_all(cfg.get("callbacks")),
+        callbacks=instantiate_all(cfg.get("callbacks")) + list(callbacks or []),
     )
     derive_step_settings(trainer, datamodule, cfg)
     log_run_config(trainer, cfg)
