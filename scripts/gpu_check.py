@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import bench_caption
+import bench_hellaswag
 import bench_pretrain
 import torch
 
@@ -198,10 +199,42 @@ def check_caption(device: torch.device, settings: bench_caption.Settings) -> str
     print(bench_caption.format_size(result, settings))
     r = bench_caption.ratios(result)
     decode = ", ".join(f"{v:.1f}x @{k.split('@')[1]}" for k, v in r.items() if k.startswith("decode_kv_x"))
+    graph = ", ".join(f"{v:.1f}x @{k.split('@')[1]}" for k, v in r.items() if k.startswith("decode_graph_x"))
+    step = ""
+    for d in result["decoding"]:
+        if "cuda graph" in d:
+            same = sum(a == b for a, b in zip(d["cuda graph"]["captions"], d["kv cache"]["captions"]))
+            print(f"beam-3 x{d['batch']} images: CUDA graph {1000 * d['cuda graph']['seconds'] / 20:.2f} ms/step "
+                  f"(goal <= 1.5 ms at 32 images); captions identical to the eager KV cache: {same}/{d['batch']}")  # fmt: skip
+            if d["batch"] == 32:
+                step = f", graph step {1000 * d['cuda graph']['seconds'] / 20:.2f} ms @32"
+            if same != d["batch"]:
+                raise AssertionError(
+                    f"CUDA-graph captions differ from the eager KV cache's ({same}/{d['batch']})"
+                )
     return (
         f"feature cache {r['vision_cache_x']:.0f}x vision, {r['train_cache_x']:.2f}x train step; "
-        f"KV cache {decode}"
+        f"KV cache {decode}; CUDA graph {graph or 'n/a'}{step}"
     )
+
+
+def check_hellaswag(device: torch.device, n: int, batch_size: int) -> str:
+    """All of HellaSwag's validation size (generated examples, its length profile) through GPT-2 124M, packed:
+    cold and warm seconds (goal <= 4 s warm); packed vs padded on a tenth of it, with identical counts."""
+    need_cuda(device)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.named("gpt2_124m"))
+    examples = bench_hellaswag.generated_examples(n)
+    print(bench_hellaswag.token_profile(examples[:1000]) + " (first 1,000)")
+    full = bench_hellaswag.compare(model, examples, device, "bf16-mixed", batch_size=batch_size, repeats=2,
+                                   methods=("packed",))  # fmt: skip
+    print(bench_hellaswag.format_results(full, n))
+    part = bench_hellaswag.compare(model, examples[: n // 10], device, "bf16-mixed", batch_size=batch_size,
+                                   repeats=1, methods=("packed", "padded"))  # fmt: skip
+    print(bench_hellaswag.format_results(part, n // 10))
+    packed = full["packed"]
+    ratio = part["padded"]["warm"] / part["packed"]["warm"]
+    return f"{n:,} examples packed: {packed['warm']:.2f} s warm, {packed['cold']:.2f} s cold; {ratio:.1f}x padded"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -234,8 +267,9 @@ def plan(device: torch.device, quick: bool) -> list[Check]:
             checks.append(
                 Check(name, lambda setup=setup: check_pretrain(device, setup), 70 if compiled else 15)
             )
-        if i == 0:  # the caption ratios matter more than the second micro-batch size
-            checks.append(Check("caption (real sizes)", lambda: check_caption(device, caption), 40))
+        if i == 0:  # the caption ratios and HellaSwag matter more than the second micro-batch size
+            checks.append(Check("caption (real sizes)", lambda: check_caption(device, caption), 50))
+            checks.append(Check("hellaswag 10,042 packed", lambda: check_hellaswag(device, 10042, 256), 40))
     return checks
 
 

@@ -196,3 +196,25 @@ def test_load_captioner_reads_caption_checkpoints_old_and_new(tmp_path):
     torch.save(stage1, tmp_path / "lm.ckpt")
     with pytest.raises(ValueError, match=r"lm\.ckpt: a stage-1 \(language model\) checkpoint.*caption run"):
         load_captioner(tmp_path / "lm.ckpt")
+
+
+def test_caption_loss_without_logits_skips_padding_with_the_same_loss_and_gradients():
+    torch.manual_seed(0)
+    model = make_captioner(cross_every=1)
+    open_gates(model)
+    idx = torch.randint(0, 50257, (3, 9))
+    labels = torch.randint(0, 50257, (3, 9))
+    labels[1, 4:] = -100
+    labels[2, 7:] = -100
+    pixels = torch.randn(3, 3, 64, 64)
+    _, loss = model(idx, labels, pixel_values=pixels)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    logits, fused = model(idx, labels, pixel_values=pixels, return_logits=False)
+    fused.backward()
+    assert logits is None
+    torch.testing.assert_close(fused, loss)
+    for name, p in model.named_parameters():
+        if name in grads:
+            torch.testing.assert_close(p.grad, grads[name], atol=1e-6, rtol=1e-4, msg=name)

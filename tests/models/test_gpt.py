@@ -105,7 +105,7 @@ def test_loss_ignores_padding():
     assert logits.shape == (2, 12, 97)
 
 
-def test_loss_without_logits_skips_padding_with_the_same_loss_and_gradients():
+def test_loss_without_logits_gives_the_same_loss_and_gradients():
     torch.manual_seed(0)
     model = GPT(small())
     idx = torch.randint(0, 97, (3, 12))

@@ -19,6 +19,7 @@ import torch.nn as nn
 from captioner.models import generate as decoding
 from captioner.models.cross_attention import GatedCrossAttention
 from captioner.models.gpt import GPT, GPTConfig, lm_config_from_checkpoint, load_checkpoint
+from captioner.models.loss import linear_cross_entropy
 from captioner.models.vision import VisionEncoder
 from captioner.optim import parameter_counts
 from captioner.tokenizer import EOT, decode
@@ -69,9 +70,15 @@ class Captioner(nn.Module):
         return_logits: bool = True,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """input_ids (B, T); labels (B, T) aligned to input_ids (the next token, -100 on padding).
-        Returns logits (B, T, V) (None with return_logits=False, see GPT.forward) and the caption loss (or None)."""
+        Returns logits (B, T, V) and the caption loss (or None). return_logits=False (with labels) returns None
+        for the logits and runs the output layer only on the positions with a label, fused with the loss: a
+        padded caption batch skips the vocab-wide matmul on its padding."""
         context = self.image_context(pixel_values, features)  # (B, N, C)
-        return self.lm(input_ids, labels, context=context, return_logits=return_logits)
+        if labels is None or return_logits:
+            return self.lm(input_ids, labels, context=context)
+        x = self.lm.hidden_states(input_ids, context=context)  # (B, T, C)
+        keep = labels != -100  # (B, T)
+        return None, linear_cross_entropy(x[keep], self.lm.lm_head.weight, labels[keep])  # M = kept positions
 
     # --- freeze policy ------------------------------------------------------------------------------------
     def _part_parameters(self, part: str) -> list[nn.Parameter]:

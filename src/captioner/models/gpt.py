@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from captioner.models.kv_cache import KVCache
+from captioner.models.loss import linear_cross_entropy
 
 # --------------------------------------------------------------------------------------------------------------
 # config
@@ -215,14 +216,14 @@ class GPT(nn.Module):
 
         idx (B, T) token ids; targets (B, T) the token after each position, -100 where nothing is to be
         predicted (padding); context and cache as in `hidden_states`.
-        return_logits=False (with targets) runs the output layer only where there is a target and returns
-        None for the logits: padded caption batches skip the vocab-wide matmul on their padding (same loss).
+        return_logits=False (with targets) returns None for the logits and computes the loss with the output
+        layer a chunk of rows at a time, never holding the (B, T, V) logits (`linear_cross_entropy`; same loss).
         Returns logits (B, T, V) or None, and loss (scalar) or None.
         """
         x = self.hidden_states(idx, context=context, cache=cache)  # (B, T, C)
-        if targets is not None and not return_logits:
-            keep = targets != -100  # (B, T)
-            return None, F.cross_entropy(self.lm_head(x[keep]), targets[keep])  # (M, V) logits, M targets
+        if targets is not None and not return_logits:  # the output layer fused with the loss (models/loss.py)
+            loss = linear_cross_entropy(x.view(-1, x.size(-1)), self.lm_head.weight, targets.view(-1))
+            return None, loss
         logits = self.lm_head(x)  # (B, T, V)
         loss = None
         if targets is not None:

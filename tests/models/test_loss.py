@@ -1,0 +1,44 @@
+"""The output layer fused with its cross-entropy equals F.linear + F.cross_entropy, chunk by chunk."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from captioner.models.loss import linear_cross_entropy
+
+
+def inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(100, 32, generator=g, requires_grad=True)
+    w = torch.randn(97, 32, generator=g, requires_grad=True)
+    t = torch.randint(0, 97, (100,), generator=g)
+    t[::7] = -100  # ignored rows, as padding
+    return x, w, t
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 16, 100, 4096])
+def test_loss_and_gradients_equal_the_unfused_layer(chunk_rows):
+    x, w, t = inputs()
+    ref = F.cross_entropy(F.linear(x, w), t)
+    (3 * ref).backward()  # an upstream gradient other than 1 must scale the handed-back gradients
+    ref_x, ref_w = x.grad, w.grad
+    x, w, t = inputs()
+    out = linear_cross_entropy(x, w, t, chunk_rows=chunk_rows)
+    (3 * out).backward()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(x.grad, ref_x)
+    torch.testing.assert_close(w.grad, ref_w)
+
+
+def test_without_gradients_and_under_bf16_autocast():
+    x, w, t = inputs()
+    with torch.no_grad():
+        ref = F.cross_entropy(F.linear(x, w), t)
+        torch.testing.assert_close(linear_cross_entropy(x, w, t, chunk_rows=8), ref)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = F.cross_entropy(F.linear(x, w), t)
+        out = linear_cross_entropy(x, w, t, chunk_rows=8)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref.float(), rtol=2e-2, atol=2e-2)
+    out.backward()
+    assert x.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
