@@ -69,13 +69,16 @@ def _texts(rows: Sequence[dict], text_key: str, first: int, source: str) -> list
     return [row[text_key] for row in rows]
 
 
-def _hub_batches(dataset: str, name: str | None, text_key: str) -> Iterator[list[str]]:
+def _hub_batches(dataset: str, name: str | None, text_key: str) -> Iterator[pa.Array]:
     from datasets import load_dataset  # heavy (streaming also imports torch); only needed here
 
-    for batch in load_dataset(dataset, name=name, split="train", streaming=True).iter(DOCS_PER_BATCH):
-        if text_key not in batch:
-            raise KeyError(f"{dataset} ({name}) has no {text_key!r} field (it has {sorted(batch)})")
-        yield batch[text_key]
+    rows = load_dataset(dataset, name=name, split="train", streaming=True).with_format("arrow")
+    for batch in rows.iter(DOCS_PER_BATCH):
+        if text_key not in batch.column_names:
+            raise KeyError(
+                f"{dataset} ({name}) has no {text_key!r} field (it has {sorted(batch.column_names)})"
+            )
+        yield batch[text_key].combine_chunks()
 
 
 def _parquet_batches(path: Path, text_key: str) -> Iterator[pa.Array]:
