@@ -24,12 +24,18 @@ printed in time; the order above decides what is dropped first.
 from __future__ import annotations
 
 import argparse
+import csv
+import math
+import os
 import platform
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import bench_caption
 import bench_hellaswag
@@ -235,6 +241,55 @@ def check_hellaswag(device: torch.device, n: int, batch_size: int) -> str:
     packed = full["packed"]
     ratio = part["padded"]["warm"] / part["packed"]["warm"]
     return f"{n:,} examples packed: {packed['warm']:.2f} s warm, {packed['cold']:.2f} s cold; {ratio:.1f}x padded"
+
+
+def _train(run_dir: Path, overrides: list[str]) -> None:
+    """captioner-train in a subprocess (a fresh process, as a user runs it); its output goes to run_dir/out.txt."""
+    cmd = [sys.executable, "-m", "captioner.cli.train", f"hydra.run.dir={run_dir}", *overrides]
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    (run_dir / "out.txt").parent.mkdir(parents=True, exist_ok=True)
+    (run_dir / "out.txt").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        print((proc.stdout + proc.stderr)[-3000:])
+        raise AssertionError(f"captioner-train exited {proc.returncode}: {' '.join(overrides)}")
+
+
+def check_fsdp(device: torch.device) -> str:
+    """`captioner-train experiment=pretrain_gpt2_124m trainer=fsdp` on this GPU (one device is a real FSDP run,
+    one shard): 6 steps of 65,536 tokens on random token shards with checkpoints, then resumed for 2 more."""
+    need_cuda(device)
+    import numpy as np
+
+    from captioner.data.token_shards import shard_path, write_shard
+
+    with tempfile.TemporaryDirectory(prefix="gpu_check_fsdp_") as tmp:
+        data, run = Path(tmp) / "tokens", Path(tmp) / "run"
+        rng = np.random.default_rng(0)
+        for split, index, n in (("val", 0, 2**17), ("train", 1, 2**20)):
+            write_shard(
+                shard_path(data, "edufineweb", split, index), rng.integers(0, 50257, n, dtype=np.uint16)
+            )
+        common = [
+            "experiment=pretrain_gpt2_124m", "trainer=fsdp", "trainer.devices=1", f"data.data_dir={data}",
+            "data.total_batch_tokens=65536", "data.val_tokens=65536", "model.hellaswag.path=null",
+            "model.compile=false", "val_every_n_steps=3", "ckpt_every_n_steps=3",
+        ]  # fmt: skip
+        _train(run, [*common, "trainer.max_steps=6"])
+        ckpt = run / "checkpoints" / "last.ckpt"
+        if not ckpt.exists():
+            raise AssertionError(f"no {ckpt} after the FSDP run")
+        _train(run, [*common, "trainer.max_steps=8", f"ckpt_path={ckpt}"])
+        with open(run / "metrics.csv") as f:
+            rows = [r for r in csv.DictReader(f) if r.get("train/loss")]
+        steps = sorted({int(r["step"]) for r in rows})
+        losses = [float(r["train/loss"]) for r in rows]
+        print(f"steps logged {steps}; train/loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+        if steps[-1] < 7 or not all(math.isfinite(x) for x in losses):
+            raise AssertionError(f"FSDP run + resume logged steps {steps}, losses {losses}")
+        tok_s = [float(r["train/tokens_per_sec"]) for r in rows if r.get("train/tokens_per_sec")]
+        speed = f", {tok_s[-1]:,.0f} tok/s" if tok_s else ""
+        return f"8 steps (6 + 2 resumed) finite loss {losses[0]:.2f} -> {losses[-1]:.2f}{speed}"
 
 
 # ----------------------------------------------------------------------------------------------------------------
