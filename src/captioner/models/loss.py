@@ -12,6 +12,7 @@ Shapes: N rows, C n_embd, V vocab.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 CHUNK_ROWS = 8192
 
@@ -55,7 +56,10 @@ def linear_cross_entropy(
     x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int = CHUNK_ROWS
 ) -> torch.Tensor:
     """mean cross-entropy of `x @ weight.T` (N, V) against targets (N,), -100 ignored: equal to
-    `F.cross_entropy(F.linear(x, weight), targets)` without holding all the logits. x (N, C), weight (V, C)."""
+    `F.cross_entropy(F.linear(x, weight), targets)` without holding all the logits. x (N, C), weight (V, C).
+    Under torch.compile the plain expression is traced instead: inductor fuses the cast and the softmax itself."""
+    if torch.compiler.is_compiling():
+        return F.cross_entropy(F.linear(x, weight), targets, ignore_index=-100)
     if torch.is_autocast_enabled(x.device.type):  # compute in autocast's dtype, as F.linear would
         x = x.to(torch.get_autocast_dtype(x.device.type))
     with torch.autocast(x.device.type, enabled=False):
