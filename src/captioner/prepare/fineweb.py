@@ -38,10 +38,11 @@ DOCS_PER_BATCH = 64  # one task for a tokeniser process: ~130k tokens of FineWeb
 
 def encode(text: str) -> np.ndarray:
     """One document's GPT-2 token ids, special-token text encoded as ordinary text (`encode_ordinary`)."""
-    try:  # the numpy variant skips building a Python int per token
-        return gpt2_encoding().encode_to_numpy(text, disallowed_special=())
-    except UnicodeEncodeError:  # lone surrogates: encode_ordinary knows the fallback
-        return np.array(gpt2_encoding().encode_ordinary(text), dtype=np.uint32)
+    enc = gpt2_encoding()
+    try:  # the numpy variant (tiktoken >= 0.9) skips building a Python int per token
+        return enc.encode_to_numpy(text, disallowed_special=())
+    except (UnicodeEncodeError, AttributeError):  # lone surrogates (its fallback is there), or tiktoken < 0.9
+        return np.array(enc.encode_ordinary(text), dtype=np.uint32)
 
 
 def tokenize_batch(texts: Texts) -> tuple[np.ndarray, np.ndarray]:
