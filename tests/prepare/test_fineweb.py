@@ -3,6 +3,8 @@
 import functools
 import gzip
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -10,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import captioner.prepare.fineweb as fineweb
-from captioner.data.token_shards import load_shard, shard_path
+from captioner.data.token_shards import load_shard
 from captioner.prepare.fineweb import prepare_fineweb
 from captioner.tokenizer import EOT, gpt2_encoding
 
@@ -139,10 +141,11 @@ def test_resume_after_interruption(tmp_path, parquet_file, monkeypatch, crash_af
     check_shards(paths, DOCS, out)
 
 
-def test_shard_names_match_token_shards():
-    for i in (0, 1, 123):
-        split = "val" if i == 0 else "train"
-        assert fineweb.shard_name("edufineweb", i) == shard_path("d", "edufineweb", split, i).name
+def test_preparation_imports_neither_torch_nor_lightning():
+    """Their import alone takes longer than build-nanogpt's whole run on a small corpus (issue #10)."""
+    code = "import sys, captioner.prepare.fineweb; print(sorted({'torch', 'lightning'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_hub_dataset_streams_through_datasets(tmp_path, parquet_file, monkeypatch):

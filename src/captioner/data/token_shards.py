@@ -1,6 +1,5 @@
-"""uint16 token shards (build-nanogpt format): `<prefix>_{val,train}_NNNNNN.npy`, each document EOT-prefixed.
-
-Writing (`shard_path`, `write_shard`), reading (`list_shards`, `load_shard`) and the stage-1 DataModule.
+"""The stage-1 DataModule over uint16 token shards (the format, its writers and readers: `data/shards.py`,
+re-exported here).
 
 A shard of n tokens holds (n - 1) // T windows of T + 1 tokens at stride T, as in build-nanogpt: window j is
 tokens[j*T : j*T + T + 1], giving x = w[:-1] and y = w[1:]. Windows never cross a shard boundary, so every read
@@ -10,8 +9,6 @@ is one slice of one memory-mapped file and memory stays flat however many shards
 from __future__ import annotations
 
 import functools
-import os
-import re
 from pathlib import Path
 
 import lightning as L
@@ -19,74 +16,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from captioner.io import save_npy
-
-MAX_TOKEN = 2**16 - 1
-DEFAULT_PREPARE_HINT = "captioner-prepare fineweb"
-
-
-def shard_path(out_dir: str | Path, prefix: str, split: str, index: int) -> Path:
-    return Path(out_dir) / f"{prefix}_{split}_{index:06d}.npy"
-
-
-def write_shard(path: str | Path, tokens) -> None:
-    """Write a 1-D token array as uint16 .npy, atomically; ids must fit in 16 bits (GPT-2's 50257 do)."""
-    tokens = np.asarray(tokens)
-    if tokens.ndim != 1:
-        raise ValueError(f"{path}: tokens must be 1-D, got shape {tokens.shape}")
-    if tokens.size and (tokens.min() < 0 or tokens.max() > MAX_TOKEN):
-        raise ValueError(f"{path}: token ids outside uint16 range [0, {MAX_TOKEN}]")
-    save_npy(path, tokens.astype(np.uint16, copy=False))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# reading
-
-
-def list_shards(data_dir: str | Path, split: str, prepare_hint: str = DEFAULT_PREPARE_HINT) -> list[Path]:
-    """The `*_{split}_NNNNNN.npy` files in `data_dir`, sorted by name (so by index for one prefix)."""
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise FileNotFoundError(
-            f"token shard directory {data_dir} does not exist; create it with `{prepare_hint}`"
-        )
-    name = re.compile(rf".+_{re.escape(split)}_\d+\.npy")
-    paths = sorted(p for p in data_dir.glob(f"*_{split}_*.npy") if name.fullmatch(p.name))
-    if not paths:
-        raise FileNotFoundError(
-            f"no {split} shards (*_{split}_NNNNNN.npy) in {data_dir}; create them with `{prepare_hint}`"
-        )
-    return paths
-
-
-def load_shard(path: str | Path) -> np.ndarray:
-    """Memory-map one shard, shape (n,) uint16, after checking its header and size (ValueError naming the file)."""
-    path = Path(path)
-    fmt = np.lib.format
-    try:
-        with open(path, "rb") as f:
-            version = fmt.read_magic(f)
-            if version == (1, 0):
-                shape, _, dtype = fmt.read_array_header_1_0(f)
-            elif version == (2, 0):
-                shape, _, dtype = fmt.read_array_header_2_0(f)
-            else:
-                raise ValueError(f"unsupported .npy format version {version}")
-            offset = f.tell()
-    except (ValueError, OSError, EOFError, SyntaxError) as err:
-        raise ValueError(f"{path}: not a readable .npy token shard ({err})") from err
-    if dtype != np.uint16:
-        raise ValueError(f"{path}: token shard dtype is {dtype}, expected uint16")
-    if len(shape) != 1:
-        raise ValueError(f"{path}: token shard must be 1-D, got shape {shape}")
-    (n,) = shape
-    if n < 2:
-        raise ValueError(f"{path}: token shard holds {n} token(s); at least 2 are needed for one (x, y) pair")
-    expected, actual = offset + 2 * n, os.path.getsize(path)
-    if actual != expected:
-        what = "truncated" if actual < expected else "has trailing bytes"
-        raise ValueError(f"{path}: {what}: header says {n} tokens ({expected} bytes), file is {actual} bytes")
-    return np.memmap(path, dtype=np.uint16, mode="r", offset=offset, shape=(n,))
+from captioner.data.shards import (  # noqa: F401 (re-exported: the format's home for torch users)
+    DEFAULT_PREPARE_HINT,
+    MAX_TOKEN,
+    list_shards,
+    load_shard,
+    shard_path,
+    write_shard,
+)
 
 
 def windows_in(n_tokens: int, seq_len: int) -> int:

@@ -28,6 +28,7 @@ from rich.console import Console
 from rich.progress import Progress, ProgressColumn, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
+from captioner.data.shards import shard_path, split_of
 from captioner.io import save_json, save_npy
 from captioner.tokenizer import EOT, gpt2_encoding
 
@@ -169,12 +170,6 @@ def _read_manifest(path: Path, settings: dict) -> dict:
     return state
 
 
-def shard_name(prefix: str, index: int) -> str:
-    """`token_shards.shard_path`'s file name (a test holds them equal); that module imports Lightning, which
-    takes longer than tokenising a small corpus."""
-    return f"{prefix}_{'val' if index == 0 else 'train'}_{index:06d}.npy"
-
-
 def _write_if_changed(path: Path, tokens: np.ndarray) -> None:
     """Write a shard unless an identical one is already there (a run whose manifest update was lost)."""
     if path.exists():
@@ -222,7 +217,8 @@ def prepare_fineweb(
         console.print(f"resuming after {len(state['shards'])} shard(s), {state['docs_done']:,} documents")
 
     def finish_shard(tokens: np.ndarray, docs_done: int, carry: int) -> None:
-        path = out_dir / shard_name(prefix, len(state["shards"]))
+        index = len(state["shards"])
+        path = shard_path(out_dir, prefix, split_of(index), index)
         _write_if_changed(path, tokens)
         state["shards"].append(path.name)
         state.update(docs_done=docs_done, carry=carry)
