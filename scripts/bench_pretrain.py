@@ -4,12 +4,21 @@ scoring batched vs one example at a time. Both sides of each ratio run in this p
     python scripts/bench_pretrain.py                      # CPU: demo GPT, small sizes (about a minute)
     python scripts/bench_pretrain.py --device cuda        # GPU: GPT-2 124M, 8 x 1024, bf16-mixed
     python scripts/bench_pretrain.py --device cuda --compile --micro-batch 16
+    python scripts/bench_pretrain.py --bng build-nanogpt/train_gpt2.py   # its own loop vs captioner-train
+    python scripts/bench_pretrain.py --bng build-nanogpt/train_gpt2.py --device cuda --compile
 
 Training: the same GPT config, initial weights (seed), token-shard data stream (`TokenShardDataModule`),
 optimizer recipe (`make_adamw` + warmup-cosine from `OptimConfig`), micro-batch, gradient accumulation and grad
 clip 1.0 on both paths. Throughput is measured over the optimizer steps after the warm-up ones, with the clock
 read after a CUDA synchronize at the end of each optimizer step. Random tokens: the data's content does not
 change the speed, and the two paths' final losses should agree (a check that they did the same work).
+
+`--bng PATH/train_gpt2.py` compares instead build-nanogpt's own GPT and training step, executed from that file
+(see `BuildNanoGPT`), with `captioner-train experiment=demo_pretrain` at the same shapes, seed, initial weights,
+token windows and lr schedule (`train(cfg)` with a step clock added to its callbacks; `--override KEY=VALUE`
+passes more overrides, e.g. logger=default). Runs alternate ABBA; on a CPU each side is also measured in tokens per
+second of process CPU time, which other processes on a shared machine do not inflate. `--compile` compiles our side
+only: build-nanogpt is measured as it ships (compile off).
 
 `bench_caption.py` and `gpu_check.py` import the helpers and `compare_training` from here. On a CPU the
 benchmarks run one thread by default (see `set_cpu_threads`).
@@ -23,6 +32,7 @@ import builtins
 import contextlib
 import io
 import logging
+import multiprocessing
 import os
 import statistics
 import sys
@@ -550,6 +560,17 @@ def run_captioner_train(
     )
 
 
+def _run_side(side, bng_path, root, run_dir, setup, device, threads, overrides):
+    """One run in a fresh process (see compare_bng); returns its result and build-nanogpt's last printed line."""
+    device = torch.device(device)
+    torch.set_num_threads(threads)
+    setup_backend(device)
+    if side == "captioner-train":
+        return run_captioner_train(root / BNG_DATA_DIR, run_dir, setup, device, overrides), None
+    bng = BuildNanoGPT(bng_path)
+    return run_bng(bng, root, setup, device), bng.printed[-1] if bng.printed else None
+
+
 def compare_bng(
     bng: BuildNanoGPT,
     setup: TrainSetup,
@@ -557,20 +578,32 @@ def compare_bng(
     repeats: int = 3,
     overrides: tuple[str, ...] = (),
 ) -> dict[str, list[TrainResult]]:
-    """build-nanogpt's loop and captioner-train, `repeats` runs each in ABBA order on the same shard files."""
-    setup_backend(device)
+    """build-nanogpt's loop and captioner-train, `repeats` runs each in ABBA order on the same shard files.
+
+    Every run has a process of its own (spawned): what one side sets for the process (captioner-train's
+    allocator settings on a CPU, compiled code, the heap a run leaves behind) never reaches the other."""
     runs: dict[str, list[TrainResult]] = {"build-nanogpt": [], "captioner-train": []}
+    spawn = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="bench_bng_") as tmp:
         root = Path(tmp)
-        data_dir = write_token_shards(root / BNG_DATA_DIR, setup)
+        write_token_shards(root / BNG_DATA_DIR, setup)
         for r in range(repeats):
             for side in ("build-nanogpt", "captioner-train")[:: 1 if r % 2 == 0 else -1]:
-                if side == "build-nanogpt":
-                    runs[side].append(run_bng(bng, root, setup, device))
-                else:
-                    runs[side].append(
-                        run_captioner_train(data_dir, root / f"run{r}", setup, device, overrides)
-                    )
+                args = (
+                    side,
+                    bng.path,
+                    root,
+                    root / f"run{r}",
+                    setup,
+                    str(device),
+                    torch.get_num_threads(),
+                    overrides,
+                )
+                with spawn.Pool(1) as pool:
+                    result, printed = pool.apply(_run_side, args)
+                runs[side].append(result)
+                if printed:
+                    bng.printed.append(printed)
     return runs
 
 
@@ -716,7 +749,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--threads", type=int, help="torch CPU threads (default: 1 on CPU, torch's choice with CUDA)"
     )
-    p.add_argument("--compile", action="store_true", help="torch.compile the training forward on both paths")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the training forward on both paths (--bng: ours only)",
+    )
     p.add_argument(
         "--hellaswag", type=int, help="shapes HellaSwag examples to score (GPU: 256, CPU: 64; 0 skips)"
     )
