@@ -3,7 +3,6 @@ row stop the run; with a fused AdamW the skip happens on the device (no host rea
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
