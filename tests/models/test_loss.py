@@ -42,3 +42,10 @@ def test_without_gradients_and_under_bf16_autocast():
     torch.testing.assert_close(out, ref.float(), rtol=2e-2, atol=2e-2)
     out.backward()
     assert x.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
+
+
+def test_a_frozen_output_layer_gets_no_gradient():
+    x, w, t = inputs()
+    w.requires_grad_(False)
+    linear_cross_entropy(x, w, t).backward()
+    assert w.grad is None and x.grad is not None

@@ -20,12 +20,13 @@ CHUNK_ROWS = 8192
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, targets, chunk_rows):
-        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        grad_x_needed, grad_w_needed = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        needs_grad = grad_x_needed or grad_w_needed  # a frozen output layer (caption runs) needs no grad_w
         valid = targets != -100  # (N,)
         count = valid.sum().clamp(min=1)  # a tensor: no host sync
         loss = x.new_zeros((), dtype=torch.float32)
-        grad_x = torch.empty_like(x) if needs_grad else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if needs_grad else None
+        grad_x = torch.empty_like(x) if grad_x_needed else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if grad_w_needed else None
         w = weight.to(x.dtype)  # (V, C) autocast's copy, once
         for start in range(0, x.size(0), chunk_rows):
             rows = slice(start, start + chunk_rows)
@@ -40,16 +41,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad[torch.arange(len(tc), device=grad.device), tc] -= 1.0
                 grad.mul_((vc / count)[:, None])
                 grad = grad.to(xc.dtype)
-                grad_x[rows] = grad @ w  # (n, C)
-                grad_w += (grad.t() @ xc).float()  # (V, C)
-        if needs_grad:
-            ctx.save_for_backward(grad_x, grad_w.to(weight.dtype))
+                if grad_x_needed:
+                    grad_x[rows] = grad @ w  # (n, C)
+                if grad_w_needed:
+                    grad_w += (grad.t() @ xc).float()  # (V, C)
+        ctx.grads = (grad_x, None if grad_w is None else grad_w.to(weight.dtype))
         return loss / count
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_x, grad_w = ctx.saved_tensors
-        return grad_x * grad_loss.to(grad_x.dtype), grad_w * grad_loss.to(grad_w.dtype), None, None
+        grad_x, grad_w = ctx.grads
+        scale = lambda g: None if g is None else g * grad_loss.to(g.dtype)  # noqa: E731
+        return scale(grad_x), scale(grad_w), None, None
 
 
 def linear_cross_entropy(

@@ -58,13 +58,13 @@ class PretrainModule(TrainingModule):
     def training_step(self, batch, batch_idx):
         x, y = batch  # (B, T) int64 each
         forward = self._compiled if self._compiled is not None else self.model
-        _, loss = forward(x, y)
+        _, loss = forward(x, y, return_logits=False)  # the output layer fused with the loss (models/loss.py)
         self.accumulate_loss(loss, x.numel())
         return loss
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
-        _, loss = self.model(x, y)
+        _, loss = self.model(x, y, return_logits=False)
         self.log("val/loss", loss, on_epoch=True, sync_dist=True, prog_bar=True)
 
     def on_validation_epoch_end(self) -> None:
