@@ -56,3 +56,18 @@ def test_caption_recipe():
 def test_bad_override_is_a_clear_error():
     with pytest.raises(Exception, match="no_such_experiment"):
         compose_cfg("experiment=no_such_experiment")
+
+
+def test_fsdp_wraps_each_transformer_block():
+    import hydra
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from captioner.models.gpt import Block
+
+    cfg = compose_cfg("experiment=pretrain_gpt2_124m", "trainer=fsdp")
+    strategy = hydra.utils.instantiate(cfg.trainer.strategy)
+    assert isinstance(strategy, FSDPStrategy)
+    assert strategy.kwargs["auto_wrap_policy"]._module_classes == {Block}
+    assert strategy.kwargs[
+        "use_orig_params"
+    ]  # torch.compile and our parameter groups need the original params

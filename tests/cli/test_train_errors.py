@@ -48,6 +48,12 @@ def test_user_errors_are_one_message_without_traceback(tmp_path, shapes_dir):  #
     assert_clean_error(captioner_train(*args, cwd=tmp_path), "bad.jsonl:1", "'label'")
     args = ["experiment=demo_pretrain", f"paths.data_dir={shapes_dir}", "model.gpt.name=gpt3", run]
     assert_clean_error(captioner_train(*args, cwd=tmp_path), "unknown GPT config name 'gpt3'")
+    if not torch.cuda.is_available():
+        args = ["experiment=demo_pretrain", f"paths.data_dir={shapes_dir}", "trainer=fsdp", run]
+        result = captioner_train(*args, cwd=tmp_path)
+        assert_clean_error(
+            result, "trainer.accelerator=gpu (strategy FSDPStrategy)", "no CUDA GPU", "trainer=cpu"
+        )
 
 
 def test_a_stage1_checkpoint_is_refused_as_caption_resume(tmp_path, shapes_dir):  # noqa: F811

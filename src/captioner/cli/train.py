@@ -73,12 +73,41 @@ def check_inputs(cfg: DictConfig, datamodule: L.LightningDataModule) -> int | No
             clip=cfg.model.vision.get("clip"),
             trainable=cfg.model.trainable,
         )
+    check_accelerator(cfg.trainer)
     hellaswag = cfg.model.get("hellaswag") or {}
     if hellaswag.get("path"):
         load_examples(hellaswag.path, limit=hellaswag.get("limit"))
     if cfg.ckpt_path:
         return check_resume_checkpoint(cfg.ckpt_path, caption="lm" in cfg.model)
     return None
+
+
+def check_accelerator(trainer: DictConfig) -> None:
+    """A GPU trainer config (trainer=gpu/ddp/fsdp) on a machine without CUDA: say so before Lightning does."""
+    if trainer.get("accelerator") in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ValueError(
+            f"trainer.accelerator={trainer.accelerator} (strategy {strategy_name(trainer)}) but this machine has no "
+            "CUDA GPU; use trainer=cpu (or trainer.accelerator=cpu with strategy ddp). FSDP needs GPUs: Lightning's "
+            "FSDPStrategy refuses the CPU (Lightning-AI/pytorch-lightning#21812)"
+        )
+
+
+def strategy_name(trainer: DictConfig) -> str:
+    strategy = trainer.get("strategy")
+    return (
+        strategy.get("_target_", "?").rsplit(".", 1)[-1]
+        if isinstance(strategy, DictConfig)
+        else str(strategy)
+    )
+
+
+def make_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
+    """The Lightning Trainer from cfg.trainer; a `strategy` given as a config with `_target_` (trainer=fsdp's
+    wrap policy) is instantiated first."""
+    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if isinstance(kwargs.get("strategy"), dict):
+        kwargs["strategy"] = hydra.utils.instantiate(cfg.trainer.strategy)
+    return L.Trainer(**kwargs, logger=loggers, callbacks=callbacks)
 
 
 def check_resume_checkpoint(path: str, caption: bool) -> int:
@@ -134,11 +163,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict:
     loggers = instantiate_all(cfg.get("logger"))
     if cfg.ckpt_path:
         truncate_metrics_after(loggers, resume_step)
-    trainer = L.Trainer(
-        **OmegaConf.to_container(cfg.trainer, resolve=True),
-        logger=loggers,
-        callbacks=instantiate_all(cfg.get("callbacks")) + list(callbacks or []),
-    )
+    trainer = make_trainer(cfg, instantiate_all(cfg.get("callbacks")) + list(callbacks or []), loggers)
     derive_step_settings(trainer, datamodule, cfg)
     if isinstance(trainer.accelerator, CPUAccelerator):
         keep_freed_memory()
