@@ -1,21 +1,29 @@
-"""GPU readiness check: one short run (about 3 minutes on an H100; --quick about half) that says whether this
-machine trains the project at full speed. No internet, no extra packages: random weights, generated data.
+"""GPU readiness check and issue #10's GPU figures: one run of under 8 minutes on an H100/H200 (--quick less) that
+says whether this machine trains, evaluates and decodes the project at full speed. No internet, no extra packages:
+random weights, generated data.
 
-    python scripts/gpu_check.py                  # on the GPU machine
-    python scripts/gpu_check.py --quick          # GPT-2 micro-batch 8 only, fewer caption iterations
-    python scripts/gpu_check.py --quick --device cpu   # CUDA-only checks say "skipped (no CUDA)"
+    python scripts/gpu_check.py --bng bng/train_gpt2.py   # on the GPU machine (the --bng file: see below)
+    python scripts/gpu_check.py --quick                   # fewer caption iterations, no micro-batch 64 / compile check
+    python scripts/gpu_check.py --quick --device cpu      # CUDA-only checks say "skipped (no CUDA)"
 
 Checks, most important first; each prints its own details, a failure prints its traceback and the next check
 runs; a summary table closes the run (exit status 1 if any check failed):
   environment        torch / CUDA / cuDNN versions, device name, memory
   bf16               bf16 supported, and a bf16 matmul agrees with fp32
-  flash attention    F.scaled_dot_product_attention runs our CausalSelfAttention (GPT-2 124M shapes, bf16
-                     autocast, forward + backward) and the gated cross-attention with the FLASH backend alone,
-                     matching the MATH backend
+  flash attention    SDPA's FLASH backend alone runs our causal self-attention and the gated cross-attention
+                     (GPT-2 124M shapes, bf16, forward + backward), matching the MATH backend
+  caption            feature-cache and training ratios at the real sizes; beam-3 decoding without a cache, with
+                     the static KV cache, and with the CUDA-graph step (goal >= 5x no-cache at 32 images, a step
+                     <= 1.5 ms for 96 sequences, captions identical to the eager cache's)
+  hellaswag          10,042 generated examples with HellaSwag's length profile through GPT-2 124M, packed (goal
+                     <= 4 s warm; cold reported), and packed vs padded on a tenth
+  captioner-train    GPT-2 124M compiled at 32 x 1024 (and 64): tokens/s and MFU (goal >= 50 %), peak memory
+  build-nanogpt      its own loop as it ships (eager) vs captioner-train compiled, 16 x 1024 (goal >= 1.5x);
+                     needs --bng PATH (`git show HEAD:train_gpt2.py` of a build-nanogpt checkout, placed in the
+                     working tree untracked so it travels to the GPU machine)
+  fsdp               captioner-train trainer=fsdp: 6 steps with checkpoints, then 2 more resumed
+  pretrain ...       plain PyTorch loop vs the Lightning path, 8 x 1024 eager (bench_pretrain.compare_training)
   torch.compile      the compiled GPT-2 training forward + backward matches eager (bf16 tolerance)
-  pretrain ...       GPT-2 124M tokens/s and MFU, 8 x 1024 (and 16 x 1024) bf16, eager and compiled, plain loop
-                     and the Lightning path (bench_pretrain.compare_training)
-  caption            feature-cache, training and beam/KV-cache ratios at the real sizes (bench_caption)
 
 Checks that would start after --time-limit seconds (counting their rough cost) are skipped, so the summary is
 printed in time; the order above decides what is dropped first.
@@ -198,6 +206,36 @@ def check_pretrain(device: torch.device, setup: bench_pretrain.TrainSetup) -> st
     )
 
 
+def check_train_mfu(device: torch.device, micro_batch: int) -> str:
+    """captioner-train (our Trainer, callbacks, PretrainModule) on GPT-2 124M, compiled, bf16, at `micro_batch`
+    x 1024: tokens/s and MFU (goal >= 50 %). The recipe's 524,288-token step only changes the accumulation."""
+    need_cuda(device)
+    setup = bench_pretrain.TrainSetup(model="gpt2_124m", micro_batch=micro_batch, seq_len=1024, accum=2,
+                                      steps=8, warmup=4, precision="bf16-mixed", compile=True)  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="gpu_check_mfu_") as tmp:
+        data = bench_pretrain.write_token_shards(Path(tmp) / "tokens", setup)
+        result = bench_pretrain.run_captioner_train(data, Path(tmp) / "run", setup, device)
+    peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
+    mfu = f", MFU {100 * result.mfu:.1f}%" if result.mfu else ""
+    print(f"captioner-train {micro_batch}x1024 compiled: {result.tokens_per_sec:,.0f} tok/s{mfu}, "
+          f"peak memory {peak_gib:.1f} GiB, final loss {result.final_loss:.4f}")  # fmt: skip
+    return f"{result.tokens_per_sec:,.0f} tok/s{mfu}, {peak_gib:.0f} GiB"
+
+
+def check_bng(device: torch.device, path: str | None) -> str:
+    """build-nanogpt's own loop as it ships (eager, from --bng PATH/train_gpt2.py) vs captioner-train compiled,
+    GPT-2 124M 16 x 1024 x 4, bf16 (goal >= 1.5x)."""
+    need_cuda(device)
+    if not path:
+        raise Skip("no --bng PATH/train_gpt2.py")
+    setup = bench_pretrain.TrainSetup(model="gpt2_124m", micro_batch=16, seq_len=1024, accum=4, steps=8,
+                                      warmup=4, precision="bf16-mixed", compile=True)  # fmt: skip
+    runs = bench_pretrain.compare_bng(bench_pretrain.BuildNanoGPT(path), setup, device, repeats=1)
+    print(bench_pretrain.format_bng(runs))
+    ours, theirs = runs["captioner-train"][0], runs["build-nanogpt"][0]
+    return f"captioner-train {ours.tokens_per_sec / theirs.tokens_per_sec:.2f}x build-nanogpt's loop"
+
+
 def check_caption(device: torch.device, settings: bench_caption.Settings) -> str:
     print(f"batch {settings.batch}, {settings.images} JPEGs, {settings.iters} timed after {settings.warmup}, "
           f"{settings.precision}, (b) loader workers {settings.num_workers}")  # fmt: skip
@@ -296,35 +334,37 @@ def check_fsdp(device: torch.device) -> str:
 # the run
 
 
-def plan(device: torch.device, quick: bool) -> list[Check]:
+def plan(device: torch.device, quick: bool, bng: str | None) -> list[Check]:
+    """The checks, most important first (a time limit drops the last ones)."""
     cuda = device.type == "cuda"
     checks = [
         Check("environment", lambda: check_environment(device), 1),
         Check("bf16", lambda: check_bf16(device), 2),
         Check("flash attention", lambda: check_flash(device), 5),
-        Check("torch.compile vs eager", lambda: check_compile(device, batch=8), 60),
     ]
-    if cuda:
-        shapes = dict(model="gpt2_124m", seq_len=1024, accum=2, steps=10, warmup=3, precision="bf16-mixed")
-    else:  # a stand-in that exercises the same code on a CPU in seconds
-        shapes = dict(model="tiny", seq_len=64, accum=2, steps=3, warmup=1, precision="32-true")
-    batches = (8,) if quick or not cuda else (8, 16)
     if cuda:
         caption = bench_caption.Settings(**bench_caption.GPU_DEFAULTS, precision="bf16-mixed")
         caption.decode_repeats = 2
         caption.iters, caption.decode_batches = (6, (32,)) if quick else (10, (32, 128))
-    else:
+        shapes = dict(model="gpt2_124m", seq_len=1024, accum=2, steps=10, warmup=3, precision="bf16-mixed")
+    else:  # stand-ins that exercise the same code on a CPU in seconds
         caption = bench_caption.Settings(batch=4, images=8, warmup=1, iters=2, decode_batches=(1,))
-    for i, batch in enumerate(batches):
-        for compiled in (False, True):
-            setup = bench_pretrain.TrainSetup(micro_batch=batch if cuda else 2, compile=compiled, **shapes)
-            name = f"pretrain {setup.model} {setup.micro_batch}x{setup.seq_len} {'compiled' if compiled else 'eager'}"
-            checks.append(
-                Check(name, lambda setup=setup: check_pretrain(device, setup), 70 if compiled else 15)
-            )
-        if i == 0:  # the caption ratios and HellaSwag matter more than the second micro-batch size
-            checks.append(Check("caption (real sizes)", lambda: check_caption(device, caption), 50))
-            checks.append(Check("hellaswag 10,042 packed", lambda: check_hellaswag(device, 10042, 256), 40))
+        shapes = dict(model="tiny", seq_len=64, accum=2, steps=3, warmup=1, precision="32-true")
+    checks += [
+        Check("caption (real sizes, CUDA-graph decode)", lambda: check_caption(device, caption), 50),
+        Check("hellaswag 10,042 packed", lambda: check_hellaswag(device, 10042, 256), 40),
+        Check("captioner-train 32x1024 compiled (MFU)", lambda: check_train_mfu(device, 32), 80),
+        Check("captioner-train vs build-nanogpt", lambda: check_bng(device, bng), 90),
+        Check("fsdp (captioner-train, 1 GPU)", lambda: check_fsdp(device), 60),
+    ]
+    setup = bench_pretrain.TrainSetup(micro_batch=8 if cuda else 2, **shapes)
+    checks.append(Check(f"pretrain {setup.model} {setup.micro_batch}x{setup.seq_len} eager, plain vs Lightning",
+                        lambda: check_pretrain(device, setup), 15))  # fmt: skip
+    if not quick:
+        checks.append(
+            Check("captioner-train 64x1024 compiled (MFU)", lambda: check_train_mfu(device, 64), 80)
+        )
+        checks.append(Check("torch.compile vs eager", lambda: check_compile(device, batch=8), 60))
     return checks
 
 
@@ -335,8 +375,9 @@ def main(argv=None) -> int:
     )
     p.add_argument("--quick", action="store_true", help="micro-batch 8 only, fewer caption iterations")
     p.add_argument(
-        "--time-limit", type=float, default=180, help="skip checks that would end later (s; 0: never)"
+        "--time-limit", type=float, default=470, help="skip checks that would end later (s; 0: never)"
     )
+    p.add_argument("--bng", help="build-nanogpt's train_gpt2.py, for the side-by-side training check")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     bench_pretrain.quiet_lightning()
@@ -348,7 +389,7 @@ def main(argv=None) -> int:
 
     start = time.perf_counter()
     summary = []
-    for check in plan(device, args.quick):
+    for check in plan(device, args.quick, args.bng):
         elapsed = time.perf_counter() - start
         print(f"\n=== {check.name} ===", flush=True)
         if args.time_limit and elapsed + check.cost_s > args.time_limit:
