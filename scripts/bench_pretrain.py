@@ -265,7 +265,7 @@ def run_lightning(data_dir: Path, setup: TrainSetup, device: torch.device) -> Tr
     """`lightning.Trainer.fit` of `PretrainModule` for setup.total_steps optimizer steps."""
     quiet_lightning()
     torch.manual_seed(setup.seed)
-    module = PretrainModule(model=setup.model, optim=setup.optim(), compile=setup.compile)
+    module = PretrainModule(gpt=setup.model, optim=setup.optim(), compile=setup.compile)
     timer = StepTimer()
     trainer = L.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",
