@@ -212,6 +212,7 @@ def check_train_mfu(device: torch.device, micro_batch: int) -> str:
     need_cuda(device)
     setup = bench_pretrain.TrainSetup(model="gpt2_124m", micro_batch=micro_batch, seq_len=1024, accum=2,
                                       steps=8, warmup=4, precision="bf16-mixed", compile=True)  # fmt: skip
+    torch.cuda.reset_peak_memory_stats(device)
     with tempfile.TemporaryDirectory(prefix="gpu_check_mfu_") as tmp:
         data = bench_pretrain.write_token_shards(Path(tmp) / "tokens", setup)
         result = bench_pretrain.run_captioner_train(data, Path(tmp) / "run", setup, device)
