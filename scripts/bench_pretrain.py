@@ -1,5 +1,5 @@
-"""Benchmark (not a test): stage-1 training throughput through Lightning vs a plain PyTorch loop, and HellaSwag
-scoring batched vs one example at a time. Both sides of each ratio run in this process on the same config.
+"""Benchmark (not a test): stage-1 training throughput through Lightning vs a plain PyTorch loop (HellaSwag scoring:
+`bench_hellaswag.py`). Both sides of each ratio run in this process on the same config.
 
     python scripts/bench_pretrain.py                      # CPU: demo GPT, small sizes (about a minute)
     python scripts/bench_pretrain.py --device cuda        # GPU: GPT-2 124M, 8 x 1024, bf16-mixed
@@ -662,65 +662,11 @@ def format_bng(runs: dict[str, list[TrainResult]]) -> str:
 # HellaSwag scoring
 
 
-def shapes_hellaswag(n: int, seed: int = 0) -> list[dict]:
-    """`n` shapes-world HellaSwag examples, written as the jsonl the evaluator reads and loaded back."""
-    from captioner.data.hellaswag import load_examples
-    from captioner.prepare.shapes import write_hellaswag
-
-    with tempfile.TemporaryDirectory(prefix="bench_hellaswag_") as tmp:
-        return load_examples(write_hellaswag(Path(tmp) / "shapes_val.jsonl", seed=seed, n=n))
-
-
-def compare_hellaswag(
-    model: torch.nn.Module,
-    examples: list[dict],
-    device: torch.device,
-    precision: str,
-    batch_sizes: tuple[int, ...] = (16, 1),
-) -> list[dict]:
-    """Examples/s of `score_hellaswag` at each batch size (examples per forward) on the same model and examples.
-    A short run on the first examples comes first and is not timed."""
-    from captioner.eval.hellaswag import score_hellaswag
-    from captioner.tokenizer import gpt2_encoding
-
-    enc = gpt2_encoding()
-    model = model.to(device)
-    out = []
-    for bs in batch_sizes:
-        with autocast(device, precision):
-            score_hellaswag(model, examples[: 2 * bs], batch_size=bs, device=device, enc=enc)  # warm-up
-            start = clock(device)
-            counts = score_hellaswag(model, examples, batch_size=bs, device=device, enc=enc)
-            elapsed = clock(device) - start
-        out.append({"batch_size": bs, "examples_per_sec": len(examples) / elapsed, "counts": counts})
-    return out
-
-
-def format_hellaswag(results: list[dict], precision: str = "32-true") -> str:
-    rows = [
-        [f"batch_size={r['batch_size']}", f"{r['examples_per_sec']:,.1f}",
-         f"{r['counts']['correct_norm']}/{r['counts']['n']}"]
-        for r in results
-    ]  # fmt: skip
-    ratio = results[0]["examples_per_sec"] / results[-1]["examples_per_sec"]
-    same = all(r["counts"] == results[0]["counts"] for r in results)
-    # fp32 scores are identical with and without padding; bf16 rounding may flip a near tie
-    verdict = "yes" if same else "no (bf16 rounding)" if precision == "bf16-mixed" else "NO"
-    return (
-        table(["hellaswag", "examples/s", "acc_norm count"], rows)
-        + f"\nratio batched/one-at-a-time: {ratio:.2f}x   counts identical: {verdict}"
-    )
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # command line
 
-GPU_DEFAULTS = dict(
-    model="gpt2_124m", micro_batch=8, seq_len=1024, accum=2, steps=20, warmup=5, repeats=1, hellaswag=256
-)
-CPU_DEFAULTS = dict(
-    model="demo", micro_batch=4, seq_len=128, accum=2, steps=8, warmup=2, repeats=2, hellaswag=64
-)
+GPU_DEFAULTS = dict(model="gpt2_124m", micro_batch=8, seq_len=1024, accum=2, steps=20, warmup=5, repeats=1)
+CPU_DEFAULTS = dict(model="demo", micro_batch=4, seq_len=128, accum=2, steps=8, warmup=2, repeats=2)
 # --bng: issue #10's comparison (CPU: demo GPT, 8 x 128 x accumulation 4, three runs a side)
 BNG_GPU_DEFAULTS = dict(
     model="gpt2_124m", micro_batch=16, seq_len=1024, accum=4, steps=10, warmup=3, repeats=3
@@ -753,9 +699,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--compile",
         action="store_true",
         help="torch.compile the training forward on both paths (--bng: ours only)",
-    )
-    p.add_argument(
-        "--hellaswag", type=int, help="shapes HellaSwag examples to score (GPU: 256, CPU: 64; 0 skips)"
     )
     p.add_argument(
         "--bng",
@@ -824,14 +767,6 @@ def main(argv=None) -> None:
         print(f"load average after: {os.getloadavg()[0]:.1f}")
         return
     print(format_training(compare_training(setup, device, repeats=args.repeats)))
-    if args.hellaswag:
-        torch.manual_seed(setup.seed)
-        model = GPT(config)
-        examples = shapes_hellaswag(args.hellaswag)
-        print(
-            f"\nHellaSwag: {len(examples)} shapes-world examples, same {setup.model} model (random weights)"
-        )
-        print(format_hellaswag(compare_hellaswag(model, examples, device, setup.precision), setup.precision))
 
 
 if __name__ == "__main__":

@@ -26,9 +26,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from captioner.data.hellaswag import load_examples, render_example
+from captioner.models.loss import CHUNK_ROWS  # scored tokens per output-layer call
 from captioner.tokenizer import gpt2_encoding
 
 COUNT_KEYS = ("n", "correct", "correct_norm")
+PACK_LENGTH = 256  # packed row length unless an example is longer (at most the block size; see `_packed`)
 
 
 def _logits(model, idx: torch.Tensor) -> torch.Tensor:
@@ -110,19 +112,17 @@ def _units(example: int, rows: list[list[int]], starts: list[int], capacity: int
 
 
 def _pack(units: list[_Unit], capacity: int) -> list[list[_Unit]]:
-    """Rows of units holding at most `capacity` tokens: the longest unit left opens a row, then the next longest
-    and the shortest units fill it while they fit."""
-    units = sorted(units, key=len, reverse=True)
-    rows, i, j = [], 0, len(units) - 1
-    while i <= j:
-        row, used = [units[i]], len(units[i])
-        i += 1
-        for step in (1, -1):  # longest first, then top up with the shortest
-            while i <= j and used + len(units[i if step == 1 else j]) <= capacity:
-                unit = units[i] if step == 1 else units[j]
-                row.append(unit)
-                used += len(unit)
-                i, j = (i + 1, j) if step == 1 else (i, j - 1)
+    """Rows of units holding at most `capacity` tokens: the longest unit left opens a row, the next longest fill
+    it while they fit, then the shortest top it up."""
+    left = sorted(units, key=len)  # shortest first: pop() takes the longest, pop(0) the shortest
+    rows = []
+    while left:
+        row = [left.pop()]
+        used = len(row[0])
+        for end in (-1, 0):
+            while left and used + len(left[end]) <= capacity:
+                row.append(left.pop(end))
+                used += len(row[-1])
         rows.append(row)
     return rows
 
@@ -176,14 +176,11 @@ def packed_ending_losses(
     owner = torch.tensor(owner, device=device)  # (M,)
     losses = torch.cat([  # the (M, V) logits in chunks, so a big batch never holds them all at once
         F.cross_entropy(model.lm_head(hidden[src]).float(), tgt, reduction="none")
-        for src, tgt in zip(source.split(LOGIT_CHUNK), target.split(LOGIT_CHUNK))
+        for src, tgt in zip(source.split(CHUNK_ROWS), target.split(CHUNK_ROWS))
     ])  # fmt: skip
     sum_loss = torch.zeros(n_slots, device=device).index_add_(0, owner, losses)  # (n_slots,)
     mean_loss = sum_loss / torch.bincount(owner, minlength=n_slots).clamp(min=1)  # (n_slots,)
     return sum_loss, mean_loss
-
-
-LOGIT_CHUNK = 8192  # scored tokens per output-layer call: 8192 x 50304 fp32 logits = 1.6 GB
 
 
 def reduce_counts(counts: dict, device) -> dict:
@@ -275,9 +272,6 @@ def _packed(model, rendered, batch_size, block_size, device) -> tuple[torch.Tens
         sums += s
         means += m
     return sums.view(-1, 4), means.view(-1, 4)
-
-
-PACK_LENGTH = 256
 
 
 def evaluate_hellaswag(

@@ -138,7 +138,6 @@ class _GraphedStep:
         self.cache = KVCache(max_length, group=group)
         self.tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)
         self.feed = lambda: lm(self.tokens, context=context, cache=self.cache)[0][:, -1, :n_vocab].float()
-        self.context = context
         self.graph: torch.cuda.CUDAGraph | None = None
 
     def capture(self) -> None:
