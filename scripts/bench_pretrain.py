@@ -529,7 +529,8 @@ def captioner_train_overrides(
         "experiment=demo_pretrain", f"paths.run_dir={run_dir}", "logger=none",
         f"trainer={'gpu' if device.type == 'cuda' else 'cpu'}", f"trainer.precision={setup.precision}",
         f"trainer.max_steps={setup.total_steps}", f"seed={setup.seed}",
-        f"model.gpt.name={setup.model}", f"model.compile={setup.compile}", "model.hellaswag.path=null",
+        f"model.gpt.name={setup.model}", "model.gpt.vocab_ids=null", "model.gpt.wte_std=0.02",  # GPT-2's
+        f"model.compile={setup.compile}", "model.hellaswag.path=null",
         f"model.optim.lr={c.lr}", f"model.optim.warmup_steps={c.warmup_steps}", f"model.optim.max_steps={c.max_steps}",
         f"data.data_dir={data_dir}", f"data.seq_len={setup.seq_len}", f"data.micro_batch_size={setup.micro_batch}",
         f"data.total_batch_tokens={setup.tokens_per_step}", f"data.val_tokens={setup.seq_len}", "data.shuffle=false",

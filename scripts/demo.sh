@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE=1 WANDB_MODE="${WANDB_MODE:-offline}" PATH="$VENV/bin:$PAT
 export MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296
 OUT="outputs/demo"
 
-if [[ ! -f data/shapes/.done ]]; then
+if [[ ! -f data/shapes/.done || ! -f data/shapes/vocab_ids.json ]]; then  # vocab_ids.json: since 2026-12-02
   echo "[demo] generating the shapes world -> data/shapes"
   captioner-prepare shapes --out data/shapes
   touch data/shapes/.done

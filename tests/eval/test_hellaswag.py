@@ -26,7 +26,7 @@ from captioner.eval.hellaswag import (
 )
 from captioner.models.gpt import GPT, GPTConfig
 from captioner.prepare.hellaswag import download_hellaswag
-from captioner.tokenizer import gpt2_encoding
+from captioner.tokenizer import EOT, gpt2_encoding
 
 EXAMPLES = [
     {"ctx": "A man is sitting on a roof. he", "label": 3,
@@ -58,9 +58,14 @@ def hellaswag_file(tmp_path):
     return path
 
 
-@pytest.fixture
-def tiny_gpt():
-    return GPT(GPTConfig.named("tiny"))
+@pytest.fixture(params=["full", "vocab_ids"])
+def tiny_gpt(request):
+    if request.param == "full":
+        return GPT(GPTConfig.named("tiny"))
+    # a model over only the ids these examples use (+ EOT): logits -inf elsewhere, the same scores' rules
+    enc = gpt2_encoding()
+    ids = {EOT} | {t for ex in EXAMPLES for row in render_example(ex, enc)[0] for t in row}
+    return GPT(GPTConfig.named("tiny", vocab_ids=sorted(ids)))
 
 
 def reference_counts_and_preds(model, examples, block_size):

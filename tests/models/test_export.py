@@ -125,14 +125,22 @@ def test_stage1_export_refuses_a_vocab_smaller_than_gpt2s(tmp_path):
     assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == [tmp_path / "lm.ckpt"]
 
 
+def test_stage1_export_refuses_an_lm_over_part_of_the_vocabulary(tmp_path):
+    model = GPT(GPTConfig.named("tiny", vocab_ids=[5, 9, EOT]))
+    save_lightning_checkpoint(tmp_path / "lm.ckpt", {"gpt": dataclasses.asdict(model.config)}, model)
+    with pytest.raises(ValueError, match="reads and writes only 3 token ids"):
+        export_checkpoint(tmp_path / "lm.ckpt", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 # --------------------------------------------------------------------------------------------------------------
 # caption checkpoints
 
 
-def tiny_caption_checkpoint(path, lm_source: dict | None = None):
+def tiny_caption_checkpoint(path, lm_source: dict | None = None, **lm_overrides):
     """A tiny captioner with open gates, saved the way a caption run saves it; returns the model."""
     torch.manual_seed(0)
-    lm = {"config": dataclasses.asdict(GPTConfig.named("tiny"))}
+    lm = {"config": dataclasses.asdict(GPTConfig.named("tiny", **lm_overrides))}
     vision = {"clip": None, "clip_config": TINY_CLIP}
     model = build_captioner(lm, vision, cross_every=1).eval()
     with torch.no_grad():
@@ -152,8 +160,11 @@ def tiny_caption_checkpoint(path, lm_source: dict | None = None):
     return model
 
 
-def test_caption_export_reads_back_identical(tmp_path):
-    model = tiny_caption_checkpoint(tmp_path / "c.ckpt", {"ckpt": "/elsewhere/stage1/last.ckpt"})
+@pytest.mark.parametrize("lm_overrides", [{}, {"vocab_ids": (3, 17, 256, 1000, 42_000, EOT)}])
+def test_caption_export_reads_back_identical(tmp_path, lm_overrides):
+    model = tiny_caption_checkpoint(
+        tmp_path / "c.ckpt", {"ckpt": "/elsewhere/stage1/last.ckpt"}, **lm_overrides
+    )
     assert export_checkpoint(tmp_path / "c.ckpt", tmp_path / "out") == CAPTION
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([CONFIG_FILE, WEIGHTS_FILE])
     umask = os.umask(0)
@@ -162,7 +173,8 @@ def test_caption_export_reads_back_identical(tmp_path):
     assert all((p.stat().st_mode & 0o777) == 0o666 & ~umask for p in (tmp_path / "out").iterdir())
     config = json.loads((tmp_path / "out" / CONFIG_FILE).read_text())
     # plain data, no optimizer, no pointer to the stage-1 file the weights came from
-    assert config["lm"] == {"config": dataclasses.asdict(GPTConfig.named("tiny"))}
+    lm_config = dataclasses.asdict(GPTConfig.named("tiny", **lm_overrides))
+    assert config["lm"] == {"config": json.loads(json.dumps(lm_config))}
     assert config["generation"] == {"max_new_tokens": 7, "num_beams": 2} and "optim" not in config
 
     loaded, hparams = load_captioner(tmp_path / "out")

@@ -28,9 +28,9 @@ def pixels() -> torch.Tensor:
     return torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
 
 
-def lm_and_prompt():
+def lm_and_prompt(vocab_ids=None):
     torch.manual_seed(0)
-    lm = GPT(GPTConfig.named("tiny")).eval()
+    lm = GPT(GPTConfig.named("tiny", vocab_ids=vocab_ids)).eval()
     return lm, torch.randint(0, 50257, (3, 4), generator=torch.Generator().manual_seed(2))
 
 
@@ -71,11 +71,14 @@ def test_kv_cache_changes_nothing(captioner, pixels, options):
     assert run(use_cache=True) == run(use_cache=False)
 
 
-def test_kv_cache_changes_nothing_for_the_plain_lm():
-    lm, prompt = lm_and_prompt()
+@pytest.mark.parametrize("vocab_ids", [None, (7, 11, 500, 3000, 42_000, EOT)])
+def test_kv_cache_changes_nothing_for_the_plain_lm(vocab_ids):
+    lm, prompt = lm_and_prompt(vocab_ids)
     for search in (decoding.generate, decoding.beam_search):
         cached = search(lm, prompt, max_new_tokens=9, eot=EOT)
         assert search(lm, prompt, max_new_tokens=9, eot=EOT, use_cache=False) == cached, search.__name__
+        if vocab_ids:  # a model over a few ids never writes another one
+            assert {t for seq in cached for t in seq} <= set(vocab_ids), search.__name__
 
 
 def test_sampling_is_reproducible_with_a_seeded_generator(captioner, pixels):

@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from captioner.data.hellaswag import load_examples
+from captioner.data.captions import encode_captions
+from captioner.data.hellaswag import load_examples, render_example
+from captioner.eval.hellaswag import score_hellaswag
+from captioner.models.gpt import GPT, GPTConfig
 from captioner.prepare.shapes import prepare_shapes
 from captioner.shapes.accuracy import caption_matches_scene, object_accuracy
 from captioner.shapes.text import split_words
@@ -70,6 +73,32 @@ def test_token_shards_hold_eot_prefixed_world_english(world):
             assert set(split_words(doc)) <= WORLD_WORDS, doc
             shapes = {w.removesuffix("s") for w in split_words(doc)} & set(SHAPES)
             assert set(split_words(doc)) & set(COLORS) and shapes, doc
+
+
+def test_vocab_ids_cover_everything_a_world_lm_reads_and_nothing_else(world):
+    """The ids an LM of this world needs (GPTConfig.vocab_ids): every token of the shards, of the HellaSwag rows
+    as the scorer renders them and of the captions as the caption data encodes them; each a piece of world
+    English."""
+    ids = json.loads((world / "vocab_ids.json").read_text())
+    assert ids == sorted(set(ids)) and EOT in ids and len(ids) < 150
+    enc = gpt2_encoding()
+    for piece in (enc.decode([t]).strip() for t in ids if t != EOT):
+        assert piece in WORLD_WORDS or piece in {".", ",", ":", "s"}, piece
+    listed = set(ids)
+    for shard in (world / "text").glob("*.npy"):
+        assert set(np.load(shard).tolist()) <= listed, shard.name
+    for example in load_examples(world / "hellaswag" / "shapes_val.jsonl"):
+        rows, _ = render_example(example, enc)
+        assert {t for row in rows for t in row} <= listed
+    for split in ("train", "val"):
+        coco = json.loads((world / "images" / "annotations" / f"captions_{split}.json").read_text())
+        tokens, _ = encode_captions([a["caption"] for a in coco["annotations"]], enc, max_tokens=64)
+        assert set(tokens.tolist()) <= listed
+    # an LM over exactly these ids reads and scores every question of this world
+    model = GPT(GPTConfig.resolve({"name": "tiny", "vocab_ids": str(world / "vocab_ids.json")}))
+    assert model.lm_head.weight.shape[0] == len(ids)
+    counts = score_hellaswag(model, load_examples(world / "hellaswag" / "shapes_val.jsonl"), batch_size=8)
+    assert counts["n"] == TINY["n_hellaswag"]
 
 
 def test_hellaswag_file_is_in_the_hellaswag_format(world):

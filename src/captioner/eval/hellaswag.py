@@ -175,7 +175,7 @@ def packed_ending_losses(
     target = torch.tensor(target, device=device)  # (M,)
     owner = torch.tensor(owner, device=device)  # (M,)
     losses = torch.cat([  # the (M, V) logits in chunks, so a big batch never holds them all at once
-        F.cross_entropy(model.lm_head(hidden[src]).float(), tgt, reduction="none")
+        F.cross_entropy(model.logits(hidden[src]).float(), tgt, reduction="none")
         for src, tgt in zip(source.split(CHUNK_ROWS), target.split(CHUNK_ROWS))
     ])  # fmt: skip
     sum_loss = torch.zeros(n_slots, device=device).index_add_(0, owner, losses)  # (n_slots,)
@@ -208,8 +208,8 @@ def score_hellaswag(
     initialised and world_size > 1 the counts are all-reduced, so every rank returns the totals (every rank
     must call this). `batch_size` counts examples per forward (4 rows each when padded; packed rows are filled
     up to it). Contexts are cut from the left to fit `model.config.block_size` when the model has one. `device` is
-    where inputs go (default: the model's). pack: pack examples (default when the model has `hidden_states`, as
-    our GPT) or right-pad them (any model returning logits).
+    where inputs go (default: the model's). pack: pack examples (default when the model has `hidden_states` and
+    `logits`, as our GPT) or right-pad them (any model returning logits).
     """
     enc = enc or gpt2_encoding()
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -218,7 +218,7 @@ def score_hellaswag(
     rendered = [_truncate(*render_example(ex, enc), block_size) for ex in mine]
     labels = torch.tensor([ex["label"] for ex in mine], device=device)  # (E,)
     if pack is None:
-        pack = hasattr(model, "hidden_states") and block_size is not None
+        pack = hasattr(model, "hidden_states") and hasattr(model, "logits") and block_size is not None
     was_training = model.training
     model.eval()
     try:

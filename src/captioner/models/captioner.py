@@ -19,7 +19,6 @@ import torch.nn as nn
 from captioner.models import generate as decoding
 from captioner.models.cross_attention import GatedCrossAttention
 from captioner.models.gpt import GPT, GPTConfig, lm_config_from_checkpoint, load_checkpoint
-from captioner.models.loss import linear_cross_entropy
 from captioner.models.vision import VisionEncoder
 from captioner.optim import parameter_counts
 from captioner.tokenizer import EOT, decode
@@ -78,7 +77,7 @@ class Captioner(nn.Module):
             return self.lm(input_ids, labels, context=context)
         x = self.lm.hidden_states(input_ids, context=context)  # (B, T, C)
         keep = labels != -100  # (B, T)
-        return None, linear_cross_entropy(x[keep], self.lm.lm_head.weight, labels[keep])  # M = kept positions
+        return None, self.lm.output_loss(x[keep], labels[keep])  # M = kept positions
 
     # --- freeze policy ------------------------------------------------------------------------------------
     def _part_parameters(self, part: str) -> list[nn.Parameter]:

@@ -149,6 +149,11 @@ def hf_gpt2_state_dict(model: GPT) -> dict[str, torch.Tensor]:
         )
     if len(model.cross):
         raise ValueError("this GPT has cross-attention layers: export the captioner instead")
+    if model.config.vocab_ids is not None:
+        raise ValueError(
+            f"this GPT reads and writes only {len(model.config.vocab_ids)} token ids (GPTConfig.vocab_ids): "
+            "transformers' GPT-2 has no way to give the others zero probability"
+        )
     sd = {}
     for key, value in model.state_dict().items():
         if key in ("transformer.wte.weight", "lm_head.weight"):

@@ -10,6 +10,7 @@ with nothing but a transpose of the Conv1D matrices (`GPT.from_pretrained`).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 
 from captioner.models.kv_cache import KVCache
 from captioner.models.loss import linear_cross_entropy
+from captioner.tokenizer import EOT
 
 # --------------------------------------------------------------------------------------------------------------
 # config
@@ -33,16 +35,31 @@ class GPTConfig:
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
+    # The token ids the model reads and writes, when it covers only part of the vocabulary (a synthetic corpus):
+    # one embedding / output row per listed id, zero probability for every other id (see `GPT`). None: all.
+    vocab_ids: tuple[int, ...] | None = None
+    wte_std: float = 0.02  # init std of the token embedding (tied with the output layer)
 
     def __post_init__(self):
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"GPTConfig.{field.name} must be a positive integer, got {value!r}")
+                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
         if self.n_embd % self.n_head != 0:
             raise ValueError(
                 f"GPTConfig.n_embd ({self.n_embd}) must be divisible by GPTConfig.n_head ({self.n_head})"
             )
+        std = self.wte_std
+        if isinstance(std, bool) or not isinstance(std, int | float) or not std > 0:
+            raise ValueError(f"GPTConfig.wte_std must be a positive number, got {std!r}")
+        self.wte_std = float(std)
+        if self.vocab_ids is not None:
+            self.vocab_ids = _checked_vocab_ids(self.vocab_ids, self.vocab_size)
+
+    @property
+    def n_rows(self) -> int:
+        """Rows of the token embedding and the output layer: one per readable token id."""
+        return self.vocab_size if self.vocab_ids is None else len(self.vocab_ids)
 
     @classmethod
     def named(cls, name: str, **overrides) -> GPTConfig:
@@ -57,6 +74,8 @@ class GPTConfig:
         if isinstance(spec, str):
             return cls.named(spec)
         spec = dict(spec)
+        if isinstance(spec.get("vocab_ids"), str | os.PathLike):
+            spec["vocab_ids"] = read_vocab_ids(spec["vocab_ids"])
         name = spec.pop("name", None)
         return cls.named(name, **spec) if name else cls(**spec)
 
@@ -74,6 +93,38 @@ class GPTConfig:
             n_head=hf_config.n_head,
             n_embd=hf_config.n_embd,
         )
+
+
+def _checked_vocab_ids(ids, vocab_size: int) -> tuple[int, ...]:
+    """`ids` as a sorted tuple, or a ValueError naming what is wrong with them."""
+    if isinstance(ids, str | bytes) or not hasattr(ids, "__iter__"):
+        raise ValueError(f"GPTConfig.vocab_ids must be a list of token ids or a JSON file, got {ids!r}")
+    ids = list(ids)
+    bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size]
+    if bad or not ids:
+        raise ValueError(
+            f"GPTConfig.vocab_ids must be distinct token ids in [0, {vocab_size}), got {bad[:5] or 'an empty list'}"
+        )
+    if len(set(ids)) != len(ids):
+        raise ValueError("GPTConfig.vocab_ids lists a token id twice")
+    if EOT not in ids:
+        # Documents start with EOT, and ids outside the list read as it.
+        raise ValueError(f"GPTConfig.vocab_ids must include <|endoftext|> ({EOT})")
+    return tuple(sorted(ids))
+
+
+def read_vocab_ids(path: str | os.PathLike) -> list[int]:
+    """The token ids listed in a JSON file (as `captioner-prepare shapes` writes `vocab_ids.json`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"vocab_ids file not found: {path} (captioner-prepare shapes writes one)")
+    try:
+        ids = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(ids, list):
+        raise ValueError(f"{path}: expected a JSON list of token ids, got {type(ids).__name__}")
+    return ids
 
 
 NAMED_CONFIGS: dict[str, dict[str, int]] = {
@@ -162,18 +213,30 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    """GPT-2. With `config.vocab_ids` the embedding and the output layer hold one row per listed id (a model of a
+    synthetic corpus then spends nothing on the tokens it never sees): inputs are mapped to rows (ids outside
+    the list read as <|endoftext|>), the loss is over the rows, and logits come back over all vocab_size ids,
+    the dtype's lowest value (probability 0) for the ids not listed, so callers keep working in GPT-2 ids."""
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
+        if config.vocab_ids is not None:
+            ids = torch.tensor(config.vocab_ids)  # (n_rows,) sorted
+            rows = torch.full((config.vocab_size,), ids.tolist().index(EOT), dtype=torch.long)
+            rows[ids] = torch.arange(len(ids))
+            # Derived from the config, not weights: kept out of the state dict, whose keys stay GPT-2's.
+            self.register_buffer("row_of_id", rows, persistent=False)  # (vocab_size,)
+            self.register_buffer("id_of_row", ids, persistent=False)  # (n_rows,)
         self.transformer = nn.ModuleDict(
             dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wte=nn.Embedding(config.n_rows, config.n_embd),
                 wpe=nn.Embedding(config.block_size, config.n_embd),
                 h=nn.ModuleList([Block(config.n_embd, config.n_head) for _ in range(config.n_layer)]),
                 ln_f=nn.LayerNorm(config.n_embd),
             )
         )
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.n_embd, config.n_rows, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying: one matrix embeds and un-embeds
         # Optional layers run after block int(key); empty for a plain LM, so its state-dict keys are GPT-2's.
         self.cross = nn.ModuleDict()
@@ -181,11 +244,13 @@ class GPT(nn.Module):
 
     def _init_weights(self) -> None:
         """N(0, 0.02) everywhere; residual projections (c_proj) scaled by (2 * n_layer)^-0.5 because two of
-        them (attention and MLP) add into the residual stream per block; biases zero."""
+        them (attention and MLP) add into the residual stream per block; the tied token embedding N(0, wte_std)
+        (lm_head is the last module to initialise it); biases zero."""
         residual_std = 0.02 * (2 * self.config.n_layer) ** -0.5
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
                 std = residual_std if name.endswith("c_proj") else 0.02
+                std = self.config.wte_std if module is self.lm_head else std
                 torch.nn.init.normal_(module.weight, mean=0.0, std=std)
                 if module.bias is not None:
                     torch.nn.init.zeros_(module.bias)
@@ -221,14 +286,35 @@ class GPT(nn.Module):
         Returns logits (B, T, V) or None, and loss (scalar) or None.
         """
         x = self.hidden_states(idx, context=context, cache=cache)  # (B, T, C)
-        if targets is not None and not return_logits:  # the output layer fused with the loss (models/loss.py)
-            loss = linear_cross_entropy(x.view(-1, x.size(-1)), self.lm_head.weight, targets.view(-1))
-            return None, loss
-        logits = self.lm_head(x)  # (B, T, V)
+        if targets is not None and not return_logits:
+            return None, self.output_loss(x.view(-1, x.size(-1)), targets.view(-1))
+        logits = self.logits(x)  # (B, T, V)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100)
         return logits, loss
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The output layer: hidden states (..., C) → logits (..., vocab_size) over token ids."""
+        logits = self.lm_head(x)  # (..., n_rows)
+        if self.config.vocab_ids is None:
+            return logits
+        # The lowest finite value rather than -inf: softmax still gives the other ids exactly 0, and a loss
+        # masked by multiplication (padding × 0) stays 0 instead of NaN.
+        lowest = torch.finfo(logits.dtype).min
+        full = logits.new_full((*logits.shape[:-1], self.config.vocab_size), lowest)
+        return full.index_copy(-1, self.id_of_row, logits)  # (..., vocab_size)
+
+    def output_loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of hidden states x (M, C) against token ids (M,) (-100: skipped), the output layer
+        fused with the loss a chunk of rows at a time, never holding the (M, V) logits (models/loss.py)."""
+        if self.config.vocab_ids is not None:
+            # An id outside vocab_ids becomes row n_rows, out of range: the loss raises rather than
+            # train on the wrong token (such an id has zero probability; the data does not fit the model).
+            rows = self.row_of_id[targets.clamp(min=0)]  # (M,)
+            rows = torch.where(self.id_of_row[rows] == targets, rows, self.config.n_rows)
+            targets = torch.where(targets == -100, targets, rows)
+        return linear_cross_entropy(x, self.lm_head.weight, targets)
 
     def hidden_states(
         self,
@@ -258,7 +344,8 @@ class GPT(nn.Module):
             attn_mask = cache.mask(positions)  # (T, S)
         elif positions is None:
             positions = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
-        x = self.transformer.wte(idx) + self.transformer.wpe(positions)  # (B, T, C)
+        rows = idx if self.config.vocab_ids is None else self.row_of_id[idx]  # (B, T)
+        x = self.transformer.wte(rows) + self.transformer.wpe(positions)  # (B, T, C)
         for i, block in enumerate(self.transformer.h):
             x = block(x, cache, i, attn_mask, positions)  # (B, T, C)
             if context is not None and str(i) in self.cross:

@@ -5,6 +5,7 @@
     out_dir/images/{train,val}/{image_id:08d}.png                    rendered scenes
     out_dir/images/annotations/captions_{train,val}.json             COCO captions format
     out_dir/images/annotations/scenes_{train,val}.json               {image_id: scene dict}
+    out_dir/vocab_ids.json                                           the GPT-2 token ids all of it uses
 
 Everything is a pure function of the seed: each output draws from its own `random.Random` stream, so a file
 regenerated after being deleted is byte-identical to the original, and existing files are never rewritten.
@@ -19,7 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from captioner.data.token_shards import shard_path, write_shard
+from captioner.data.captions import encode_captions
+from captioner.data.hellaswag import render_example
+from captioner.data.token_shards import load_shard, shard_path, write_shard
 from captioner.io import atomic_path, save_json, save_text
 from captioner.shapes.images import render_scene
 from captioner.shapes.text import captions_for, document, hellaswag_rows
@@ -130,6 +133,30 @@ def write_images(
     return captions_file, scenes_file
 
 
+def write_vocab_ids(path: str | Path, *, text: Path, hellaswag: Path, captions: list[Path]) -> Path:
+    """The sorted GPT-2 token ids that the world's text shards, HellaSwag rows (as the scorer tokenises them)
+    and captions (as the caption data tokenises them) use, <|endoftext|> included, as a JSON list (kept if
+    `path` exists). An LM of this world takes it as `GPTConfig.vocab_ids` and then spends nothing on the ~50K
+    ids it never sees: the demo LM's output layer shrinks from 50,304 rows to 65."""
+    path = Path(path)
+    if path.exists():
+        return path
+    enc = gpt2_encoding()
+    used = np.zeros(2**16, dtype=bool)
+    for shard in sorted(text.glob(f"{PREFIX}_*.npy")):
+        used[np.unique(load_shard(shard))] = True
+    for line in hellaswag.read_text().splitlines():
+        rows, _ = render_example(json.loads(line), enc)
+        used[[t for row in rows for t in row]] = True
+    for captions_file in captions:
+        texts = [a["caption"] for a in json.loads(captions_file.read_text())["annotations"]]
+        tokens, _ = encode_captions(texts, enc, max_tokens=10**6)
+        used[tokens] = True
+    used[EOT] = True
+    save_json(path, np.flatnonzero(used).tolist())
+    return path
+
+
 def prepare_shapes(
     out_dir: str | Path,
     *,
@@ -192,8 +219,12 @@ def prepare_shapes(
     captions_val, scenes_val = write_images(
         images, "val", first_id=n_train_images + 1, n=n_val_images, **common
     )
+    vocab_ids = write_vocab_ids(
+        out_dir / "vocab_ids.json", text=text, hellaswag=hellaswag, captions=[captions_train, captions_val]
+    )
     return {
         "text": text,
+        "vocab_ids": vocab_ids,
         "hellaswag": hellaswag,
         "images": images,
         "captions_train": captions_train,
