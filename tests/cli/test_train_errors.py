@@ -48,6 +48,9 @@ def test_user_errors_are_one_message_without_traceback(tmp_path, shapes_dir):  #
     assert_clean_error(captioner_train(*args, cwd=tmp_path), "bad.jsonl:1", "'label'")
     args = ["experiment=demo_pretrain", f"paths.data_dir={shapes_dir}", "model.gpt.name=gpt3", run]
     assert_clean_error(captioner_train(*args, cwd=tmp_path), "unknown GPT config name 'gpt3'")
+    gone = tmp_path / "old_world" / "vocab_ids.json"  # a world generated before vocab_ids.json existed
+    args = ["experiment=demo_pretrain", f"paths.data_dir={shapes_dir}", f"model.gpt.vocab_ids={gone}", run]
+    assert_clean_error(captioner_train(*args, cwd=tmp_path), f"{gone}", "captioner-prepare shapes")
     if not torch.cuda.is_available():
         args = ["experiment=demo_pretrain", f"paths.data_dir={shapes_dir}", "trainer=fsdp", run]
         result = captioner_train(*args, cwd=tmp_path)

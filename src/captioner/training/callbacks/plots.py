@@ -103,8 +103,14 @@ def _plot_loss(series, dest: Path) -> Path:
 
         ax.set_yscale("log")
         plain = FuncFormatter(lambda v, _: f"{v:g}")  # "4" rather than "4x10^0"
+
+        def minor(v, _):  # every minor tick within a decade; across decades only 2, 3 and 5 (no overlaps)
+            low, high = ax.get_ylim()
+            leading = round(v / 10 ** math.floor(math.log10(v)))
+            return f"{v:g}" if high / low < 10 or leading in (2, 3, 5) else ""
+
         ax.yaxis.set_major_formatter(plain)
-        ax.yaxis.set_minor_formatter(plain)
+        ax.yaxis.set_minor_formatter(FuncFormatter(minor))
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.legend()
     return _save(fig, dest)
