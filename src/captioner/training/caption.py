@@ -148,9 +148,10 @@ class CaptionModule(TrainingModule):
 
     # --- steps --------------------------------------------------------------------------------------------
     def _loss(self, batch) -> torch.Tensor:
-        if batch["labels"].numel() == 0 or bool((batch["labels"] == -100).all()):
-            # Every image of this batch was unreadable: a zero loss that still touches every trainable
-            # parameter keeps DDP's gradient all-reduce in step across ranks.
+        if batch["labels"].numel() == 0:  # a shape, known on the host: no device sync
+            # Every image of this batch was unreadable (any other batch has a label per caption, at least its
+            # EOT): a zero loss that still touches every trainable parameter keeps DDP's gradient all-reduce
+            # in step across ranks.
             return sum(p.sum() * 0.0 for p in self.model.parameters() if p.requires_grad)
         _, loss = self.model(
             batch["input_ids"],
