@@ -24,6 +24,7 @@ from captioner.training.callbacks.throughput import (
     peak_flops_for,
 )
 from captioner.training.caption import CaptionModule
+from captioner.training.pretrain import PretrainModule
 from tests.helpers import TINY_CLIP
 
 
@@ -226,6 +227,21 @@ def test_caption_flops_count_clip_only_when_it_runs_on_pixels():
     targets = int((features["labels"] != -100).sum())
     assert module._flops_terms["head"] == 4 * lm_head
     assert float(module.flops_per_batch(features)) < 6 * lm_head * targets
+
+
+def test_flops_are_counted_before_a_strategy_shards_the_model():
+    """FSDP leaves each rank a flat shard of every parameter: MFU must still count the whole model."""
+    caption = CaptionModule(
+        lm={"config": "tiny"}, vision={"clip": None, "clip_config": TINY_CLIP}, cross_every=1
+    )
+    features, pixels = tiny_caption_batches()
+    ids = torch.randint(0, 50257, (2, 16))
+    for module, batch in [(PretrainModule(gpt="tiny"), (ids, ids)), (caption, features), (caption, pixels)]:
+        before = float(module.flops_per_batch(batch))
+        with torch.no_grad():
+            for p in module.parameters():  # the shard of rank 0 of 2
+                p.data = p.data.flatten()[: max(1, p.numel() // 2)]
+        assert float(module.flops_per_batch(batch)) == before
 
 
 @pytest.mark.parametrize("trainable", [["xattn", "projection"], ["xattn"], ["xattn", "projection", "lm"]])

@@ -363,12 +363,13 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
-    def flops_per_token(self, seq_len: int | None = None) -> float:
+    def flops_per_token(self, seq_len: int | None = None, num_params: int | None = None) -> float:
         """Training FLOPs (forward + backward) per token, PaLM appendix B: 6N + 12·L·H·Q·T (T = seq_len,
-        default block_size). Used for MFU = flops_per_token · tokens/s / peak FLOP/s."""
+        default block_size; N = num_params, default `num_params()`, which a sharded model would undercount).
+        Used for MFU = flops_per_token · tokens/s / peak FLOP/s."""
         cfg = self.config
         L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, seq_len or cfg.block_size
-        return 6 * self.num_params() + 12 * L * H * Q * T
+        return 6 * (num_params or self.num_params()) + 12 * L * H * Q * T
 
     # --- loading ------------------------------------------------------------------------------------------
     @classmethod

@@ -9,7 +9,6 @@ shapes demo adds object accuracy). The module keeps the predictions and scores o
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 
 import hydra
@@ -65,6 +64,7 @@ class CaptionModule(TrainingModule):
         # Random init here: `load_pretrained()` copies the pretrained weights in, which captioner-train does for a
         # fresh run only (a resumed run restores everything from its checkpoint).
         self.model = build_captioner(lm, vision, cross_every, trainable)
+        self._flops_terms = self._count_flops()  # now: a model FSDP has sharded shows only a shard of each
         self._scorers = None  # built on first use, on rank 0 only
         self._generated: list[dict] = []
         self._skipped = 0
@@ -96,10 +96,10 @@ class CaptionModule(TrainingModule):
             flops += B * N * (terms["clip"] + terms["clip_attn"] * N)
         return terms["head"] * (batch["labels"] != -100).sum() + flops
 
-    @functools.cached_property
-    def _flops_terms(self) -> dict[str, int]:
+    def _count_flops(self) -> dict[str, int]:
         """Per-token FLOPs of each part of `flops_per_batch` (attention terms per token of sequence length),
-        read once from the model: its freeze policy is fixed at construction."""
+        read once from the model at construction, where its freeze policy is fixed and no strategy has wrapped
+        or sharded it yet."""
         lm, vision = self.model.lm, self.model.vision
         C, D, clip_layers = lm.config.n_embd, vision.hidden_size, vision.clip.config.num_hidden_layers
 

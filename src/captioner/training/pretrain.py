@@ -37,6 +37,7 @@ class PretrainModule(TrainingModule):
             }
         )
         self.model = GPT(config)
+        self._num_params = self.model.num_params()  # for MFU, counted before FSDP shows only a shard of each
         self.compile_model = compile
         self._compiled = None  # not a submodule: keeps state-dict keys free of `_orig_mod`
         self._hellaswag_examples = None
@@ -48,7 +49,7 @@ class PretrainModule(TrainingModule):
         """Training FLOPs of one micro-batch (ThroughputCallback's MFU): everything trains, so 6N + attention
         per token (`GPT.flops_per_token`) at the batch's own sequence length."""
         x, _ = batch  # (B, T)
-        return self.model.flops_per_token(x.size(1)) * x.numel()
+        return self.model.flops_per_token(x.size(1), num_params=self._num_params) * x.numel()
 
     def configure_model(self) -> None:
         if self.compile_model and self._compiled is None:
