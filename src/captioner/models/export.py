@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from captioner.io import make_shareable
 from captioner.models.captioner import CAPTIONER_KEYS, load_captioner, save_captioner
 from captioner.models.gpt import GPT, HF_TRANSPOSED, load_checkpoint
 from captioner.tokenizer import EOT, N_VOCAB, gpt2_encoding
@@ -92,12 +93,7 @@ def fresh_directory(dest: Path) -> Iterator[Path]:
     old = None
     try:
         yield tmp
-        # mkdtemp (and transformers' own temp files) are private (0600/0700); an export is meant to be shared
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)
-        for file in tmp.iterdir():
-            file.chmod(0o666 & ~umask)
+        make_shareable(tmp)  # mkdtemp's (and transformers' temp files') private modes: an export is shared
         if dest.exists():
             old = dest.with_name(f"{tmp.name}.old")
             dest.rename(old)

@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from captioner.data.coco_format import load_captions
-from captioner.io import save_json
+from captioner.io import make_shareable, save_json
 from captioner.models.vision import ClipPreprocess, token_parameters
 from captioner.optim import warmup_cosine
 from captioner.shapes.world import COLORS, GRID, SHAPES, SIZES, Scene, load_scenes
@@ -186,6 +186,7 @@ def train_shapes_clip(
     try:
         clip.save_pretrained(tmp)
         save_json(tmp / REPORT, report, indent=2)
+        make_shareable(tmp)
         os.replace(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
