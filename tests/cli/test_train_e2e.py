@@ -229,5 +229,8 @@ def test_a_built_wheel_trains_from_any_directory(shapes_dir, tmp_path):
     args += pretrain_overrides(shapes_dir, 2, "val_every_n_steps=100", "model.hellaswag.path=null")
     env = {**os.environ, "PYTHONPATH": str(site)}
     cmd = [sys.executable, "-c", code, str(site), *args]
-    subprocess.run(cmd, cwd=elsewhere, env=env, check=True, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=elsewhere, env=env, check=True, capture_output=True, text=True)
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+    terminal = proc.stdout + proc.stderr
+    assert "step 2/2 | loss" in terminal and "tok/s" in terminal  # our progress lines
+    assert "Tip:" not in terminal  # not Lightning's advertisement

@@ -26,6 +26,9 @@ from captioner.training.callbacks.plots import plot_metrics
 from captioner.training.loggers import truncate_metrics_after
 
 log = logging.getLogger("captioner.train")
+# Lightning advertises its hosted logger at every fit; the run's own lines are what the terminal is for.
+for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+    logging.getLogger(_name).addFilter(lambda record: not str(record.msg).startswith("💡 Tip"))
 
 # The repository's top-level configs/, reached through the package's `configs` link in a checkout (editable
 # install) and carried inside the package by the wheel: one lookup for both.
