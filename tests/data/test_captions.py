@@ -103,7 +103,7 @@ def test_batch_shapes_padding_and_label_alignment(root):
         i: [encode_caption(c, enc, 8) for c in caps] for i, caps in _captions_by_id(root, "train").items()
     }
     batch = next(iter(dm.train_dataloader()))
-    assert set(batch) == {"pixel_values", "input_ids", "labels", "image_ids", "skipped"}
+    assert set(batch) == {"pixel_values", "input_ids", "labels", "n_targets", "image_ids", "skipped"}
     B, T = batch["input_ids"].shape
     assert batch["pixel_values"].shape == (B, 3, 16, 16) and batch["pixel_values"].dtype == torch.float32
     assert (
@@ -113,6 +113,7 @@ def test_batch_shapes_padding_and_label_alignment(root):
     assert B == 18 and batch["skipped"] == []
     lengths = (batch["labels"] != -100).sum(1)
     assert T == lengths.max() == 8 and lengths.min() < T  # padded to the batch's longest caption
+    assert batch["n_targets"] == int(lengths.sum())  # a Python int: the step selects targets without a read
     for b in range(B):
         n = int(lengths[b])
         seq = [*batch["input_ids"][b, :n].tolist(), batch["labels"][b, n - 1].item()]

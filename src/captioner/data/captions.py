@@ -88,8 +88,9 @@ class CaptionCollate:
     """Stack items into a batch, padding captions to the longest one; unreadable images are dropped and named.
 
     Batch: {key: (B, *image_shape) float32, "input_ids": (B, T) int64 padded with EOT, "labels": (B, T) int64
-    padded with -100 (ignored by the loss; the EOT padding is never a target), "image_ids": (B,) int64,
-    "skipped": [file names]}. B can be 0 when every image of a batch was unreadable.
+    padded with -100 (ignored by the loss; the EOT padding is never a target), "n_targets": how many labels are
+    not -100, "image_ids": (B,) int64, "skipped": [file names]}. B can be 0 when every image of a batch was
+    unreadable.
     """
 
     key: str
@@ -110,6 +111,7 @@ class CaptionCollate:
             self.key: images,  # (B, 3, S, S) or (B, N, D)
             "input_ids": input_ids,
             "labels": labels,
+            "n_targets": int((labels != -100).sum()),  # counted on the CPU: the step reads no device
             "image_ids": torch.tensor([it["image_id"] for it in good], dtype=torch.int64),  # (B,)
             "skipped": [it["skipped"] for it in items if "skipped" in it],
         }

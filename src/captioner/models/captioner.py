@@ -67,17 +67,23 @@ class Captioner(nn.Module):
         pixel_values: torch.Tensor | None = None,
         features: torch.Tensor | None = None,
         return_logits: bool = True,
+        n_targets: int | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """input_ids (B, T); labels (B, T) aligned to input_ids (the next token, -100 on padding).
         Returns logits (B, T, V) and the caption loss (or None). return_logits=False (with labels) returns None
         for the logits and runs the output layer only on the positions with a label, fused with the loss: a
-        padded caption batch skips the vocab-wide matmul on its padding."""
+        padded caption batch skips the vocab-wide matmul on its padding. n_targets, the number of labels that
+        are not -100 when the caller knows it (the collate counts them), spares that selection a device read."""
         context = self.image_context(pixel_values, features)  # (B, N, C)
         if labels is None or return_logits:
             return self.lm(input_ids, labels, context=context)
         x = self.lm.hidden_states(input_ids, context=context)  # (B, T, C)
-        keep = labels != -100  # (B, T)
-        return None, self.lm.output_loss(x[keep], labels[keep])  # M = kept positions
+        keep = (labels != -100).view(-1)  # (B*T,)
+        if n_targets is None:
+            rows = keep.nonzero().squeeze(1)  # (M,) M = kept positions; the count is read from the device
+        else:
+            rows = torch.nonzero_static(keep, size=n_targets).squeeze(1)  # (M,) no device read
+        return None, self.lm.output_loss(x.view(-1, x.size(-1))[rows], labels.view(-1)[rows])
 
     # --- freeze policy ------------------------------------------------------------------------------------
     def _part_parameters(self, part: str) -> list[nn.Parameter]:

@@ -159,6 +159,7 @@ class CaptionModule(TrainingModule):
             pixel_values=batch.get("pixel_values"),
             features=batch.get("features"),
             return_logits=False,
+            n_targets=batch.get("n_targets"),
         )
         return loss
 
