@@ -101,7 +101,7 @@ def test_coco_end_to_end_then_captions_scores_its_file(tmp_path, shapes_coco, ca
     result = json.loads(captured.out.strip().splitlines()[-1])
     assert tuple(result)[: len(METRICS)] == METRICS
     assert (result["n"], result["skipped"]) == (6, 0) and result["images_per_sec"] > 0
-    pred = root / "results" / "val_caption.json"
+    (pred,) = (root / "results").glob("val_caption_*.json")  # named after the checkpoint and its weights
     assert str(pred) in captured.err and "images/s" in captured.err
 
     ann = root / "annotations" / "captions_val.json"

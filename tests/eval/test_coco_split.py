@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 
 import pytest
@@ -31,10 +32,10 @@ def make_world(out) -> None:
     prepare_shapes(out, **WORLD)
 
 
-def write_caption_checkpoint(path, generation: dict | None = None) -> None:
+def write_caption_checkpoint(path, generation: dict | None = None, seed: int = 0) -> None:
     """A caption run's Lightning checkpoint of a tiny random captioner whose captions depend on the image: open
     gates, and no EOT in the output (tied embeddings make a random LM repeat its prompt, EOT, at once)."""
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     lm = {"config": dataclasses.asdict(GPTConfig.named("tiny"))}
     vision = {"clip": None, "clip_config": TINY_CLIP}
     model = build_captioner(lm, vision, cross_every=1)
@@ -102,9 +103,23 @@ def count_captioned(monkeypatch):
     return calls
 
 
+def test_two_runs_last_checkpoints_never_share_a_results_file(ckpt, root, tmp_path):
+    other = tmp_path / "run2" / "checkpoints" / "last.ckpt"
+    other.parent.mkdir(parents=True)
+    write_caption_checkpoint(other, seed=1)
+    first = evaluate(ckpt, root)
+    kept = first.results_path.read_text()
+    second = evaluate(other, root)
+    assert second.results_path != first.results_path and first.results_path.read_text() == kept
+    assert evaluate(ckpt, root).results_path == first.results_path  # the same weights, the same file
+    beam = evaluate(ckpt, root, beams=2)  # other decoding settings (this checkpoint decodes greedily)
+    assert beam.results_path not in (first.results_path, second.results_path)
+
+
 def test_every_image_captioned_once_into_a_valid_results_file(ckpt, root):
     result = evaluate(ckpt, root, num_workers=1)  # images decoded in a worker process
-    assert result.results_path == root / "results" / "val_last.json"
+    assert result.results_path.parent == root / "results"
+    assert re.fullmatch(r"val_last_[0-9a-f]{8}\.json", result.results_path.name)  # weights + decoding
     results = read(result.results_path)
     assert [r["image_id"] for r in results] == VAL_IDS
     assert len({r["caption"] for r in results}) > 1  # the captions depend on the image

@@ -110,7 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="holds <split>/ and annotations/captions_<split>.json (default: $CAPTIONER_DATA_DIR/coco or data/coco)",
     )
     p.add_argument("--split", default="val2017", help="val2017 (COCO; default) or val (the shapes world)")
-    p.add_argument("--out", help="COCO results json (default: <root>/results/<split>_<ckpt stem>.json)")
+    p.add_argument(
+        "--out",
+        help="COCO results json (default: <root>/results/<split>_<ckpt stem>_<weights fingerprint>.json)",
+    )
     p.add_argument(
         "--beams", type=_positive_int, default=None, help="beam size (1 = greedy; default: checkpoint's)"
     )

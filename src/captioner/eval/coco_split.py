@@ -13,6 +13,7 @@ Shapes: B images, N image tokens, D CLIP width, S image side.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -51,8 +52,12 @@ class SplitResult:
     source: str
 
 
-def default_results_path(root: str | Path, split: str, ckpt: str | Path) -> Path:
-    return Path(root) / "results" / f"{split}_{Path(ckpt).stem}.json"
+def default_results_path(root: str | Path, split: str, ckpt: str | Path, header: dict) -> Path:
+    """`<root>/results/<split>_<ckpt stem>_<8 hex>.json`, the hex a digest of the weights and decoding settings
+    (`header`): every run's last.ckpt, and every --beams, gets its own file (one evaluation never overwrites
+    another's); the same weights and settings the same one."""
+    digest = hashlib.sha256(json.dumps(header, sort_keys=True).encode()).hexdigest()
+    return Path(root) / "results" / f"{split}_{Path(ckpt).stem}_{digest[:8]}.json"
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -260,7 +265,7 @@ def evaluate_split(
 ) -> SplitResult:
     """Caption every image of `root`'s `split` that has reference captions with the captioner at `ckpt` (a
     caption checkpoint or exported directory), write the COCO results file `out` (default
-    `<root>/results/<split>_<ckpt stem>.json`) and score it. Resumes from `<out>.partial.jsonl` when present.
+    `<root>/results/<split>_<ckpt stem>_<digest of weights and settings>.json`) and score it. Resumes from `<out>.partial.jsonl` when present.
     `num_workers`: image decoding processes (default: up to 4 for image files, none for cached features).
 
     Raises FileNotFoundError for a missing checkpoint, root, annotation file or image folder and ValueError for
@@ -274,17 +279,17 @@ def evaluate_split(
     if not ckpt.exists():
         raise FileNotFoundError(f"checkpoint not found: {ckpt}")
     index = load_captions(root, split)
-    out = Path(out) if out is not None else default_results_path(root, split, ckpt)
 
     model, hparams = load_captioner(ckpt)
+    generation = generation_settings(hparams.get("generation"), beams)
+    header = {"split": split, "weights": weights_fingerprint(model), "generation": generation}
+    out = Path(out) if out is not None else default_results_path(root, split, ckpt, header)
     features = matching_feature_store(root / "features", split, model, index)
     if features is None and not index.image_dir.is_dir():
         raise FileNotFoundError(f"image directory not found: {index.image_dir}")
     if num_workers is None:
         # Decoding workers pay off for image files only: cached features are memory-mapped reads.
         num_workers = default_num_workers() if features is None else 0
-    generation = generation_settings(hparams.get("generation"), beams)
-    header = {"split": split, "weights": weights_fingerprint(model), "generation": generation}
     model.to(device)
 
     # Images without reference captions could not be scored, and would make the results file invalid for scoring.
