@@ -6,6 +6,7 @@ exists) the page in a browser."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import os
 import re
@@ -41,10 +42,9 @@ def model(ckpt):
     return captioner.load(ckpt, device="cpu")
 
 
-@pytest.fixture(scope="module")
-def url(model):
-    """The server on a free localhost port, uvicorn in a thread (the socket is bound here: no port race)."""
-    app = create_app(model, max_batch=8, max_upload_bytes=MAX_UPLOAD)
+@contextlib.contextmanager
+def serving(app):
+    """`app` on a free localhost port, uvicorn in a thread (the socket is bound here: no port race)."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
@@ -57,6 +57,12 @@ def url(model):
     yield f"http://127.0.0.1:{sock.getsockname()[1]}"
     server.should_exit = True
     thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def url(model):
+    with serving(create_app(model, max_batch=8, max_upload_bytes=MAX_UPLOAD)) as url:
+        yield url
 
 
 @pytest.fixture
@@ -89,7 +95,8 @@ def test_the_page_and_health(client, ckpt):
     assert health["status"] == "ok" and health["max_batch"] == 8 and health["max_upload_bytes"] == MAX_UPLOAD
     assert health["model"]["source"] == str(ckpt) and health["model"]["device"] == "cpu"
     assert health["model"]["generation"] == {"method": "greedy", "max_new_tokens": 8}
-    assert set(health["served"]) == {"requests", "batches", "largest_batch"}
+    assert set(health["served"]) == {"requests", "batches", "largest_batch", "refused_busy"}
+    assert health["max_queue"] == 64 and health["queued"] == 0
 
 
 def test_a_caption_is_what_the_api_says(client, model):
@@ -181,6 +188,50 @@ def test_a_bad_upload_gets_a_4xx_json_message_and_the_server_keeps_serving(clien
     assert re.search(message, response.json()["error"]), response.json()
     good = client.post("/caption", files=upload(PNG))
     assert good.status_code == 200 and "caption" in good.json()
+
+
+class GatedModel:
+    """The real model, but each model call waits for `gate`: the server's queue fills while one call runs."""
+
+    def __init__(self, model):
+        self.model, self.gate, self.calls = model, threading.Event(), threading.Semaphore(0)
+
+    def info(self):
+        return self.model.info()
+
+    def preprocess(self, *args):
+        return self.model.preprocess(*args)
+
+    def caption_pixels(self, pixels, beams):
+        self.calls.release()
+        assert self.gate.wait(timeout=60)
+        return self.model.caption_pixels(pixels, beams)
+
+
+def test_a_full_queue_refuses_with_503_and_retry_after_then_serves_again(model):
+    gated = GatedModel(model)
+    images = [image_bytes(noise_image(seed)) for seed in range(4)]
+    with serving(create_app(gated, max_batch=1, max_upload_bytes=MAX_UPLOAD, max_queue=2)) as url:
+
+        async def scenario():
+            async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+                post = lambda data: client.post("/caption", files=upload(data))  # noqa: E731
+                running = asyncio.create_task(post(images[0]))
+                await asyncio.to_thread(gated.calls.acquire)  # the worker is inside the model call
+                waiting = [asyncio.create_task(post(d)) for d in images[1:3]]
+                while (await client.get("/health")).json()["queued"] < 2:
+                    await asyncio.sleep(0.01)
+                refused = await post(images[3])  # answered at once, while the model call still runs
+                gated.gate.set()
+                done = await asyncio.gather(running, *waiting)
+                return refused, done, await post(images[3]), (await client.get("/health")).json()
+
+        refused, done, retried, health = asyncio.run(scenario())
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+    assert "server busy: 2 requests are already waiting" in refused.json()["error"]
+    assert [r.json()["caption"] for r in done] == [model.caption(decoded(d))[0] for d in images[:3]]
+    assert retried.status_code == 200 and retried.json()["caption"] == model.caption(decoded(images[3]))[0]
+    assert health["served"]["refused_busy"] == 1 and health["max_queue"] == 2 and health["queued"] == 0
 
 
 def test_other_methods_and_paths_answer_json(client):

@@ -1,6 +1,6 @@
 """The caption server behind `captioner-serve`: a web page at `/`, `GET /health`, `POST /caption` (multipart
 field `image`, optional field `beams`) → `{"caption": …}`; every error is JSON `{"error": …}` with a 4xx/5xx
-status.
+status (503 with Retry-After when `max_queue` requests are already waiting).
 
 Starlette + uvicorn: a small, well-kept ASGI pair (routing, multipart parsing, a production HTTP server)
 with no framework on top, so the whole server is this file. Concurrent requests share the model through a
@@ -27,6 +27,7 @@ from captioner.api import CaptionModel
 from captioner.models.vision import UnreadableImage
 
 MAX_BEAMS = 8  # beam search costs beams × the greedy work: a cap keeps one request from hogging the server
+RETRY_AFTER_S = 1  # what a 503 tells an overloaded server's clients to wait
 STATUS = {"missing": 400, "not_an_image": 415, "truncated": 400, "too_many_pixels": 413}
 
 
@@ -37,22 +38,36 @@ class Job:
     future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
+class ServerBusy(Exception):
+    """The queue is full: the request is refused (503) rather than left to wait behind a backlog."""
+
+
 class Batcher:
     """One worker between the requests and the model. It takes the first waiting request, waits `wait_s` for
     others to arrive, takes up to `max_batch` in all, and captions each group with the same beam count by one
     model call in a thread (the event loop keeps accepting uploads meanwhile). One call runs at a time, so the
-    model is never used from two threads; requests arriving during a call form the next batch."""
+    model is never used from two threads; requests arriving during a call form the next batch. At most
+    `max_queue` requests wait: more would only time out, so the next ones are refused (`ServerBusy`)."""
 
-    def __init__(self, model: CaptionModel, max_batch: int = 8, wait_s: float = 0.005):
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be ≥ 1, got {max_batch}")
+    def __init__(self, model: CaptionModel, max_batch: int = 8, wait_s: float = 0.005, max_queue: int = 64):
+        if max_batch < 1 or max_queue < 1:
+            raise ValueError(f"max_batch and max_queue must be ≥ 1, got {max_batch} and {max_queue}")
         self.model, self.max_batch, self.wait_s = model, max_batch, wait_s
-        self.queue: asyncio.Queue[Job] = asyncio.Queue()
-        self.stats = {"requests": 0, "batches": 0, "largest_batch": 0}
+        self.queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=max_queue)
+        self.stats = {"requests": 0, "batches": 0, "largest_batch": 0, "refused_busy": 0}
+
+    def busy(self) -> bool:
+        """Whether a request arriving now would be refused (checked before its upload is read, too)."""
+        if self.queue.full():
+            self.stats["refused_busy"] += 1
+            return True
+        return False
 
     async def submit(self, pixels: torch.Tensor, beams: int | None) -> str:
         job = Job(pixels, beams)
-        await self.queue.put(job)
+        if self.busy():
+            raise ServerBusy()
+        self.queue.put_nowait(job)
         return await job.future
 
     async def run(self) -> None:
@@ -85,8 +100,16 @@ class Batcher:
                 job.future.set_result(caption)
 
 
-def error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def busy(batcher: Batcher) -> JSONResponse:
+    return error(
+        503,
+        f"server busy: {batcher.queue.maxsize} requests are already waiting; retry in {RETRY_AFTER_S} s",
+        {"Retry-After": str(RETRY_AFTER_S)},
+    )
 
 
 def limited(receive, limit: int):
@@ -122,6 +145,8 @@ def parse_beams(value) -> int | None:
 
 async def caption(request: Request) -> JSONResponse:
     state = request.app.state
+    if state.batcher.busy():  # before reading the upload: an overloaded server spends nothing on it
+        return busy(state.batcher)
     limit = state.max_upload_bytes
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:  # refuse before reading any of it
@@ -144,6 +169,8 @@ async def caption(request: Request) -> JSONResponse:
         return error(STATUS[err.reason], str(err))
     try:
         text = await state.batcher.submit(pixels, beams)
+    except ServerBusy:  # the queue filled up while this upload was read and decoded
+        return busy(state.batcher)
     except Exception as err:
         return error(500, f"captioning failed: {type(err).__name__}: {err}")
     return JSONResponse({"caption": text})
@@ -157,6 +184,8 @@ async def health(request: Request) -> JSONResponse:
             "model": state.info,
             "max_batch": state.batcher.max_batch,
             "max_upload_bytes": state.max_upload_bytes,
+            "queued": state.batcher.queue.qsize(),
+            "max_queue": state.batcher.queue.maxsize,
             "served": state.batcher.stats,
         }
     )
@@ -171,7 +200,11 @@ async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
 
 
 def create_app(
-    model: CaptionModel, max_batch: int = 8, max_upload_bytes: int = 10 << 20, batch_wait_s: float = 0.005
+    model: CaptionModel,
+    max_batch: int = 8,
+    max_upload_bytes: int = 10 << 20,
+    batch_wait_s: float = 0.005,
+    max_queue: int = 64,
 ) -> Starlette:
     """The ASGI app serving `model`; run it with uvicorn (`captioner-serve` does)."""
 
@@ -194,7 +227,7 @@ def create_app(
     )
     app.state.model = model
     app.state.info = model.info()
-    app.state.batcher = Batcher(model, max_batch, batch_wait_s)
+    app.state.batcher = Batcher(model, max_batch, batch_wait_s, max_queue)
     app.state.max_upload_bytes = max_upload_bytes
     return app
 
