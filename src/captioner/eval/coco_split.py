@@ -265,7 +265,8 @@ def evaluate_split(
 ) -> SplitResult:
     """Caption every image of `root`'s `split` that has reference captions with the captioner at `ckpt` (a
     caption checkpoint or exported directory), write the COCO results file `out` (default
-    `<root>/results/<split>_<ckpt stem>_<digest of weights and settings>.json`) and score it. Resumes from `<out>.partial.jsonl` when present.
+    `<root>/results/<split>_<ckpt stem>_<digest of weights and settings>.json`) and score it. Resumes from
+    `<out>.partial.jsonl` when present.
     `num_workers`: image decoding processes (default: up to 4 for image files, none for cached features).
 
     Raises FileNotFoundError for a missing checkpoint, root, annotation file or image folder and ValueError for
