@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="val2017", help="val2017 (COCO; default) or val (the shapes world)")
     p.add_argument(
         "--out",
-        help="COCO results json (default: <root>/results/<split>_<ckpt stem>_<weights fingerprint>.json)",
+        help="COCO results json (default: <root>/results/<split>_<ckpt stem>_<digest of weights + decoding>.json)",
     )
     p.add_argument(
         "--beams", type=_positive_int, default=None, help="beam size (1 = greedy; default: checkpoint's)"
