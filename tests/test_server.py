@@ -219,7 +219,9 @@ def test_a_full_queue_refuses_with_503_and_retry_after_then_serves_again(model):
                 running = asyncio.create_task(post(images[0]))
                 await asyncio.to_thread(gated.calls.acquire)  # the worker is inside the model call
                 waiting = [asyncio.create_task(post(d)) for d in images[1:3]]
+                deadline = time.monotonic() + 30
                 while (await client.get("/health")).json()["queued"] < 2:
+                    assert time.monotonic() < deadline, "the two requests never queued"
                     await asyncio.sleep(0.01)
                 refused = await post(images[3])  # answered at once, while the model call still runs
                 gated.gate.set()
