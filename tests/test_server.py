@@ -217,7 +217,7 @@ def test_a_full_queue_refuses_with_503_and_retry_after_then_serves_again(model):
             async with httpx.AsyncClient(base_url=url, timeout=60) as client:
                 post = lambda data: client.post("/caption", files=upload(data))  # noqa: E731
                 running = asyncio.create_task(post(images[0]))
-                await asyncio.to_thread(gated.calls.acquire)  # the worker is inside the model call
+                assert await asyncio.to_thread(gated.calls.acquire, timeout=30)  # the model call began
                 waiting = [asyncio.create_task(post(d)) for d in images[1:3]]
                 deadline = time.monotonic() + 30
                 while (await client.get("/health")).json()["queued"] < 2:
