@@ -47,7 +47,8 @@ import lightning as L
 import numpy as np
 import torch
 
-from captioner.data.token_shards import TokenShardDataModule, shard_path, write_shard
+from captioner.data.shards import shard_path, write_shard
+from captioner.data.token_shards import TokenShardDataModule
 from captioner.models.gpt import GPT, GPTConfig
 from captioner.optim import make_adamw, warmup_cosine_schedule
 from captioner.tokenizer import N_VOCAB

@@ -300,7 +300,7 @@ def check_fsdp(device: torch.device) -> str:
     need_cuda(device)
     import numpy as np
 
-    from captioner.data.token_shards import shard_path, write_shard
+    from captioner.data.shards import shard_path, write_shard
 
     with tempfile.TemporaryDirectory(prefix="gpu_check_fsdp_") as tmp:
         data, run = Path(tmp) / "tokens", Path(tmp) / "run"

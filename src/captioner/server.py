@@ -56,17 +56,10 @@ class Batcher:
         self.queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=max_queue)
         self.stats = {"requests": 0, "batches": 0, "largest_batch": 0, "refused_busy": 0}
 
-    def busy(self) -> bool:
-        """Whether a request arriving now would be refused (checked before its upload is read, too)."""
-        if self.queue.full():
-            self.stats["refused_busy"] += 1
-            return True
-        return False
-
     async def submit(self, pixels: torch.Tensor, beams: int | None) -> str:
-        job = Job(pixels, beams)
-        if self.busy():
+        if self.queue.full():
             raise ServerBusy()
+        job = Job(pixels, beams)
         self.queue.put_nowait(job)
         return await job.future
 
@@ -105,6 +98,8 @@ def error(status: int, message: str, headers: dict | None = None) -> JSONRespons
 
 
 def busy(batcher: Batcher) -> JSONResponse:
+    """The 503 of a full queue (counted in /health's `served.refused_busy`)."""
+    batcher.stats["refused_busy"] += 1
     return error(
         503,
         f"server busy: {batcher.queue.maxsize} requests are already waiting; retry in {RETRY_AFTER_S} s",
@@ -145,7 +140,7 @@ def parse_beams(value) -> int | None:
 
 async def caption(request: Request) -> JSONResponse:
     state = request.app.state
-    if state.batcher.busy():  # before reading the upload: an overloaded server spends nothing on it
+    if state.batcher.queue.full():  # before reading the upload: an overloaded server spends nothing on it
         return busy(state.batcher)
     limit = state.max_upload_bytes
     declared = request.headers.get("content-length", "")

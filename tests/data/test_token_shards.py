@@ -8,14 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from captioner.data.token_shards import (
-    TokenShardDataModule,
-    TrainWindowStream,
-    list_shards,
-    load_shard,
-    shard_path,
-    write_shard,
-)
+from captioner.data.shards import list_shards, load_shard, shard_path, write_shard
+from captioner.data.token_shards import TokenShardDataModule, TrainWindowStream
 
 T, B = 16, 2
 VAL_LEN = 1500

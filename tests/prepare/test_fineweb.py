@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import captioner.prepare.fineweb as fineweb
-from captioner.data.token_shards import load_shard
+from captioner.data.shards import load_shard
 from captioner.prepare.fineweb import prepare_fineweb
 from captioner.tokenizer import EOT, gpt2_encoding
 

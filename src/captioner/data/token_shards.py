@@ -1,5 +1,4 @@
-"""The stage-1 DataModule over uint16 token shards (the format, its writers and readers: `data/shards.py`,
-re-exported here).
+"""The stage-1 DataModule over uint16 token shards (the format, its writers and readers: `data/shards.py`).
 
 A shard of n tokens holds (n - 1) // T windows of T + 1 tokens at stride T, as in build-nanogpt: window j is
 tokens[j*T : j*T + T + 1], giving x = w[:-1] and y = w[1:]. Windows never cross a shard boundary, so every read
@@ -16,14 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from captioner.data.shards import (  # noqa: F401 (re-exported: the format's home for torch users)
-    DEFAULT_PREPARE_HINT,
-    MAX_TOKEN,
-    list_shards,
-    load_shard,
-    shard_path,
-    write_shard,
-)
+from captioner.data.shards import DEFAULT_PREPARE_HINT, list_shards, load_shard
 
 
 def windows_in(n_tokens: int, seq_len: int) -> int:

@@ -22,7 +22,7 @@ import numpy as np
 
 from captioner.data.captions import encode_captions
 from captioner.data.hellaswag import render_example
-from captioner.data.token_shards import load_shard, shard_path, write_shard
+from captioner.data.shards import load_shard, shard_path, write_shard
 from captioner.io import atomic_path, save_json, save_text
 from captioner.shapes.images import render_scene
 from captioner.shapes.text import captions_for, document, hellaswag_rows
