@@ -38,3 +38,11 @@ def read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
                 if key != "step" and value not in ("", None):
                     series.setdefault(key, []).append((int(row["step"]), float(value)))
     return series
+
+
+def exit_code(main, argv: list[str]) -> int:
+    """A console script's exit status: what `main(argv)` returns, or the code of the SystemExit it raises."""
+    try:
+        return main(argv)
+    except SystemExit as exit:
+        return exit.code

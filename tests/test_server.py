@@ -26,6 +26,7 @@ import captioner
 from captioner.cli.serve import main
 from captioner.models.vision import open_image
 from captioner.server import create_app
+from tests.helpers import exit_code
 from tests.test_api import bomb_png, image_bytes, noise_image, write_checkpoint
 
 MAX_UPLOAD = 100_000
@@ -243,7 +244,7 @@ def test_other_methods_and_paths_answer_json(client):
 
 
 def test_captioner_serve_serves_and_reports_a_bad_model_in_one_line(ckpt, tmp_path, capsys):
-    assert main(["--model", str(tmp_path / "missing.ckpt")]) == 2
+    assert exit_code(main, ["--model", str(tmp_path / "missing.ckpt")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "checkpoint not found" in err and "missing.ckpt" in err
 

@@ -8,6 +8,8 @@ import math
 import torch
 from torch import nn
 
+from captioner.errors import UserError
+
 
 def parameter_counts(module: nn.Module) -> dict[str, int]:
     """{"trainable": n, "frozen": n} parameter counts (a tied weight counts once)."""
@@ -32,7 +34,7 @@ def param_groups(module: nn.Module, weight_decay: float, lr: float, gate_lr_mult
     stay near 0 and the image barely reaches the LM. Frozen parameters are left out (no AdamW state)."""
     named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
     if not named:
-        raise ValueError("no trainable parameters: check the freeze policy (model.trainable)")
+        raise UserError("no trainable parameters: check the freeze policy (model.trainable)")
     gates = [p for n, p in named if n.endswith("_gate")]
     rest = [(n, p) for n, p in named if not n.endswith("_gate")]
     groups = [
@@ -77,7 +79,7 @@ def warmup_cosine_schedule(
 ) -> dict:
     """A Lightning lr-scheduler config stepped once per optimizer step (not per micro-batch or epoch)."""
     if warmup_steps < 0 or max_steps <= 0:
-        raise ValueError(f"need warmup_steps >= 0 and max_steps > 0, got {warmup_steps=}, {max_steps=}")
+        raise UserError(f"need warmup_steps >= 0 and max_steps > 0, got {warmup_steps=}, {max_steps=}")
 
     def lr_lambda(step: int) -> float:
         return warmup_cosine(step, warmup_steps=warmup_steps, max_steps=max_steps, min_lr_ratio=min_lr_ratio)

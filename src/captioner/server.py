@@ -24,6 +24,7 @@ from starlette.responses import HTMLResponse, JSONResponse
 from starlette.routing import Route
 
 from captioner.api import CaptionModel
+from captioner.errors import UserError
 from captioner.models.vision import UnreadableImage
 
 MAX_BEAMS = 8  # beam search costs beams × the greedy work: a cap keeps one request from hogging the server
@@ -51,7 +52,7 @@ class Batcher:
 
     def __init__(self, model: CaptionModel, max_batch: int = 8, wait_s: float = 0.005, max_queue: int = 64):
         if max_batch < 1 or max_queue < 1:
-            raise ValueError(f"max_batch and max_queue must be ≥ 1, got {max_batch} and {max_queue}")
+            raise UserError(f"max_batch and max_queue must be ≥ 1, got {max_batch} and {max_queue}")
         self.model, self.max_batch, self.wait_s = model, max_batch, wait_s
         self.queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=max_queue)
         self.stats = {"requests": 0, "batches": 0, "largest_batch": 0, "refused_busy": 0}

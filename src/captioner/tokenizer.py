@@ -20,6 +20,8 @@ from pathlib import Path
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 
+from captioner.errors import UserError
+
 EOT = 50256  # <|endoftext|>
 N_VOCAB = 50257
 BPE_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
@@ -46,9 +48,7 @@ def gpt2_encoding() -> tiktoken.Encoding:
     path = bpe_path()
     if path.exists():
         if (digest := _sha256(path)) != BPE_SHA256:
-            raise RuntimeError(
-                f"{path}: sha256 {digest} is not GPT-2's ({BPE_SHA256}); delete it and re-fetch"
-            )
+            raise UserError(f"{path}: sha256 {digest} is not GPT-2's ({BPE_SHA256}); delete it and re-fetch")
         ranks = load_tiktoken_bpe(str(path), expected_hash=BPE_SHA256)
         # Not a registered name, so tiktoken pickles it by value: DataLoader workers need no network either.
         return tiktoken.Encoding(
@@ -61,7 +61,7 @@ def gpt2_encoding() -> tiktoken.Encoding:
     try:
         return tiktoken.get_encoding("gpt2")
     except Exception as err:  # network failures surface as several exception types
-        raise RuntimeError(
+        raise UserError(
             f"GPT-2 BPE unavailable: tiktoken could not download it ({type(err).__name__}) and {path} does not "
             "exist. Run `python -m captioner.tokenizer` (fetches it from PyPI) or set CAPTIONER_GPT2_BPE."
         ) from err
@@ -86,7 +86,7 @@ def fetch_gpt2_bpe(dest: Path | None = None) -> Path:
             member = next(m for m in tar.getmembers() if m.name.endswith("whisper/assets/gpt2.tiktoken"))
             data = tar.extractfile(member).read()
     if (digest := hashlib.sha256(data).hexdigest()) != BPE_SHA256:
-        raise RuntimeError(f"{sdist.name}: gpt2.tiktoken sha256 {digest} != {BPE_SHA256}")
+        raise UserError(f"{sdist.name}: gpt2.tiktoken sha256 {digest} != {BPE_SHA256}")
     tmp_dest = dest.with_suffix(".tmp")
     tmp_dest.write_bytes(data)
     tmp_dest.replace(dest)

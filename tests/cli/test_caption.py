@@ -10,6 +10,7 @@ import pytest
 
 import captioner
 from captioner.cli.caption import coco_image_id, main
+from tests.helpers import exit_code
 from tests.test_api import image_bytes, noise_image, write_checkpoint
 
 
@@ -86,6 +87,6 @@ def test_an_unreadable_image_is_skipped_with_a_message(ckpt, folder, capsys):
     ],
 )
 def test_user_errors_exit_2_with_one_line(make_args, message, ckpt, tmp_path, capsys):
-    assert main(make_args(tmp_path, ckpt)) == 2
+    assert exit_code(main, make_args(tmp_path, ckpt)) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("captioner-caption: ") and message in err

@@ -16,6 +16,7 @@ from captioner.models.gpt import GPT, GPTConfig
 from tests.eval.test_caption_metrics import write_coco
 from tests.eval.test_coco_split import make_world, write_caption_checkpoint
 from tests.eval.test_hellaswag import EXAMPLES, write_jsonl
+from tests.helpers import exit_code
 
 
 def last_json(capsys) -> dict:
@@ -76,7 +77,7 @@ def test_missing_files_exit_2_without_traceback(tmp_path, tiny_ckpt, capsys, com
         "hellaswag-data": ["hellaswag", "--ckpt", str(tiny_ckpt[0]), "--data", missing, "--device", "cpu"],
         "captions": ["captions", "--pred", missing, "--ann", missing, "--backend", "python"],
     }[command]
-    assert main(argv) == 2
+    assert exit_code(main, argv) == 2
     captured = capsys.readouterr()
     assert "missing.file" in captured.err and "Traceback" not in captured.err
     assert captured.out == ""
@@ -127,7 +128,7 @@ def test_coco_user_errors_exit_2_without_traceback(tmp_path, shapes_coco, tiny_c
         pytest.skip("CUDA is available here")
     out = tmp_path / "results.json"
     argv = ["coco", "--ckpt", str(ckpt), "--root", str(root), "--split", "val", "--out", str(out)]
-    assert main([*argv, "--device", device, "--backend", "python"]) == 2
+    assert exit_code(main, [*argv, "--device", device, "--backend", "python"]) == 2
     captured = capsys.readouterr()
     expected = {
         "root": "no-root",

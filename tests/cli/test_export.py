@@ -11,6 +11,7 @@ import torch
 from captioner.cli.export import main
 from captioner.models.captioner import CONFIG_FILE, WEIGHTS_FILE, load_captioner
 from captioner.models.gpt import GPT, GPTConfig
+from tests.helpers import exit_code
 from tests.models.test_export import save_lightning_checkpoint, tiny_caption_checkpoint
 
 
@@ -46,15 +47,15 @@ def test_caption_checkpoint_becomes_a_captioner_directory(caption_ckpt, tmp_path
 
 def test_bad_inputs_exit_2_with_one_line(caption_ckpt, tmp_path, capsys):
     out = str(tmp_path / "out")
-    assert main(["--ckpt", str(tmp_path / "missing.ckpt"), "--out", out]) == 2
+    assert exit_code(main, ["--ckpt", str(tmp_path / "missing.ckpt"), "--out", out]) == 2
     assert "checkpoint not found" in one_error_line(capsys)
     (tmp_path / "notes.txt").write_text("not a checkpoint")
-    assert main(["--ckpt", str(tmp_path / "notes.txt"), "--out", out]) == 2
+    assert exit_code(main, ["--ckpt", str(tmp_path / "notes.txt"), "--out", out]) == 2
     assert "not a readable checkpoint" in one_error_line(capsys)
     torch.save({"hyper_parameters": {"lr": 0.1}, "state_dict": {}}, tmp_path / "other.ckpt")
-    assert main(["--ckpt", str(tmp_path / "other.ckpt"), "--out", out]) == 2
+    assert exit_code(main, ["--ckpt", str(tmp_path / "other.ckpt"), "--out", out]) == 2
     assert "neither a stage-1 nor a caption checkpoint" in one_error_line(capsys)
-    assert main(["--ckpt", str(caption_ckpt), "--out", str(tmp_path / "notes.txt")]) == 2
+    assert exit_code(main, ["--ckpt", str(caption_ckpt), "--out", str(tmp_path / "notes.txt")]) == 2
     assert "is not a directory" in one_error_line(capsys)
     assert not (tmp_path / "out").exists()
 
@@ -63,7 +64,7 @@ def test_a_non_empty_out_is_kept_unless_forced(caption_ckpt, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
-    assert main(["--ckpt", str(caption_ckpt), "--out", str(out)]) == 2
+    assert exit_code(main, ["--ckpt", str(caption_ckpt), "--out", str(out)]) == 2
     assert "not empty; pass --force" in one_error_line(capsys)
     assert [p.name for p in out.iterdir()] == ["precious.txt"]
     assert main(["--ckpt", str(caption_ckpt), "--out", str(out), "--force"]) == 0

@@ -11,7 +11,7 @@ import torch
 
 from captioner.cli.train import train
 from captioner.prepare.shapes import prepare_shapes
-from tests.helpers import compose_run, read_metrics
+from tests.helpers import compose_run, exit_code, read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -208,7 +208,7 @@ def test_caption_cli_on_files_and_folder(caption_run, shapes_dir, capsys):
     import json
 
     assert json.loads(capsys.readouterr().out.strip())["path"] == str(files[0])
-    assert main(["--ckpt", "missing.ckpt", str(files[0])]) == 2
+    assert exit_code(main, ["--ckpt", "missing.ckpt", str(files[0])]) == 2
 
 
 def test_a_built_wheel_trains_from_any_directory(shapes_dir, tmp_path):

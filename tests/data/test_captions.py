@@ -13,6 +13,7 @@ from PIL import Image
 
 from captioner.data.captions import CaptionSampler, CocoCaptionDataModule, encode_caption, normalize_caption
 from captioner.data.coco_format import load_captions
+from captioner.errors import UserError
 from captioner.models.vision import CLIP_MEAN, CLIP_STD, clip_transform, load_image
 from captioner.tokenizer import EOT, gpt2_encoding
 
@@ -260,10 +261,10 @@ def test_malformed_annotations_name_file_and_key(root, mutate, message):
 
 
 def test_missing_root_or_annotations_names_path_and_prepare_command(tmp_path, root):
-    with pytest.raises(FileNotFoundError, match=r"nowhere.*captioner-prepare shapes"):
+    with pytest.raises(UserError, match=r"nowhere.*captioner-prepare shapes"):
         make_dm(tmp_path / "nowhere", prepare_hint="captioner-prepare shapes")
     (root / "annotations" / "captions_train.json").unlink()
-    with pytest.raises(FileNotFoundError, match=r"captions_train\.json.*captioner-prepare coco"):
+    with pytest.raises(UserError, match=r"captions_train\.json.*captioner-prepare coco"):
         make_dm(root)
 
 

@@ -11,6 +11,7 @@ import torch
 from captioner.data.captions import CocoCaptionDataModule
 from captioner.data.coco_format import load_captions
 from captioner.data.feature_cache import FeatureStore, build_feature_cache
+from captioner.errors import UserError
 from captioner.models import vision
 from captioner.models.vision import VisionEncoder, clip_transform, load_image
 from captioner.prepare.coco import prepare_coco
@@ -111,7 +112,7 @@ def test_interrupted_build_resumes_to_the_same_file(root, tmp_path):
 
 
 def test_store_rejects_missing_and_damaged_caches(root, tmp_path):
-    with pytest.raises(FileNotFoundError, match="captioner-prepare coco --features"):
+    with pytest.raises(UserError, match="captioner-prepare coco --features"):
         FeatureStore(tmp_path / "nothing", "val")
     path = build_feature_cache(tiny_encoder(), root, "val", tmp_path / "feats", image_size=32, batch_size=4)
     path.write_bytes(path.read_bytes()[:-10])

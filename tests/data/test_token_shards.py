@@ -10,6 +10,7 @@ import torch
 
 from captioner.data.shards import list_shards, load_shard, shard_path, write_shard
 from captioner.data.token_shards import TokenShardDataModule, TrainWindowStream
+from captioner.errors import UserError
 
 T, B = 16, 2
 VAL_LEN = 1500
@@ -98,10 +99,10 @@ def test_bad_shards_name_the_file(tmp_path, kind, message):
 
 def test_missing_data_names_the_prepare_command(tmp_path):
     hint = "captioner-prepare shapes --out data/shapes"
-    with pytest.raises(FileNotFoundError, match="captioner-prepare shapes --out data/shapes") as err:
+    with pytest.raises(UserError, match="captioner-prepare shapes --out data/shapes") as err:
         TokenShardDataModule(str(tmp_path / "nowhere"), prepare_hint=hint).setup("fit")
     assert "nowhere" in str(err.value)
-    with pytest.raises(FileNotFoundError, match=r"no train shards .* `captioner-prepare fineweb`"):
+    with pytest.raises(UserError, match=r"no train shards .* `captioner-prepare fineweb`"):
         list_shards(tmp_path, "train")
 
 

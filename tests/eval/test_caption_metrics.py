@@ -10,6 +10,7 @@ from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.rouge.rouge import Rouge
 
+from captioner.errors import UserError
 from captioner.eval import caption_metrics
 from captioner.eval.caption_metrics import (
     METRICS,
@@ -120,7 +121,7 @@ def test_backend_choice(monkeypatch):
     with pytest.raises(ValueError, match="image_id 3"):
         score_captions({3: "a cat"}, REFERENCES, backend="python")
     monkeypatch.setattr(caption_metrics.shutil, "which", lambda name: None)
-    with pytest.raises(RuntimeError, match="Java"):
+    with pytest.raises(UserError, match="Java"):
         score_captions(PREDICTIONS, REFERENCES, backend="pycocoevalcap")
     overall, per_image = score_captions(PREDICTIONS, REFERENCES, backend="auto")  # falls back to python
     assert overall["meteor"] is None and "meteor" not in per_image[1]
@@ -135,7 +136,7 @@ def test_caption_scorer_from_config(monkeypatch):
     with pytest.raises(ValueError, match="backend"):
         CaptionScorer("java")
     monkeypatch.setattr(caption_metrics.shutil, "which", lambda name: None)
-    with pytest.raises(RuntimeError, match="Java"):  # when the config is built, not at the first validation
+    with pytest.raises(UserError, match="Java"):  # when the config is built, not at the first validation
         CaptionScorer("pycocoevalcap")
     assert CaptionScorer()(PREDICTIONS, REFERENCES)[0]["meteor"] is None
 
@@ -212,5 +213,5 @@ def test_results_file_errors_name_file_and_key(tmp_path, which, content, needle)
 def test_results_file_missing(tmp_path, which):
     files = dict(zip(("pred", "ann"), write_coco(tmp_path)))
     files[which] = tmp_path / "missing.json"
-    with pytest.raises(FileNotFoundError, match=r"missing\.json"):
+    with pytest.raises(UserError, match=r"missing\.json"):
         score_results_file(files["pred"], files["ann"], backend="python")

@@ -13,6 +13,7 @@ import torch
 
 from captioner.data.coco_format import annotation_path
 from captioner.data.feature_cache import build_feature_cache
+from captioner.errors import UserError
 from captioner.eval import coco_split
 from captioner.eval.caption_metrics import METRICS, score_results_file
 from captioner.eval.coco_split import evaluate_split, progress_path
@@ -243,5 +244,5 @@ def test_missing_inputs_are_named(ckpt, root, tmp_path, change, message):
         shutil.rmtree(root / "val")
     elif change == "no_ckpt":
         ckpt = tmp_path / "missing.ckpt"
-    with pytest.raises(FileNotFoundError, match=message):
+    with pytest.raises(UserError, match=message):
         evaluate(ckpt, root)

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from captioner.data.hellaswag import load_examples, render_example
+from captioner.errors import UserError
 from captioner.eval.hellaswag import (
     _pack,
     _truncate,
@@ -227,7 +228,7 @@ def test_validation_errors_name_file_line_and_key(tmp_path, line, needle):
 
 
 def test_missing_file_and_string_labels(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"nope\.jsonl"):
+    with pytest.raises(UserError, match=r"nope\.jsonl"):
         load_examples(tmp_path / "nope.jsonl")
     path = tmp_path / "hf_style.jsonl"
     write_jsonl(path, [{**EXAMPLES[0], "label": "2"}])  # the HF datasets copy stores labels as strings

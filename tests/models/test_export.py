@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 
+from captioner.errors import UserError
 from captioner.models.captioner import CONFIG_FILE, WEIGHTS_FILE, build_captioner, load_captioner
 from captioner.models.export import (
     CAPTION,
@@ -196,7 +197,7 @@ def test_caption_export_reads_back_identical(tmp_path, lm_overrides):
 
 def test_load_captioner_explains_directories_it_cannot_read(tmp_path, lm_export):
     _, hf_dir = lm_export
-    with pytest.raises(FileNotFoundError, match=r"no captioner\.json.*transformers model"):
+    with pytest.raises(UserError, match=r"no captioner\.json.*transformers model"):
         load_captioner(hf_dir)
     (tmp_path / CONFIG_FILE).write_text('{"format": "something else"}')
     with pytest.raises(ValueError, match="not a captioner config"):
@@ -211,7 +212,7 @@ def test_export_refuses_a_non_empty_destination_unless_forced(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="not empty; pass --force"):
+    with pytest.raises(UserError, match="not empty; pass --force"):
         export_checkpoint(tmp_path / "c.ckpt", out)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     with pytest.raises(ValueError, match="would delete the checkpoint"):

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from captioner.errors import UserError
 from captioner.models import generate as decoding
 from captioner.models.gpt import GPT, GPTConfig, KVCache
 from captioner.tokenizer import EOT
@@ -357,9 +358,7 @@ def test_vocab_ids_config(tmp_path):
     ]:
         with pytest.raises(ValueError, match=re.escape(message) if "<" in message else message):
             GPTConfig.named("tiny", vocab_ids=bad)
-    with pytest.raises(
-        FileNotFoundError, match=r"vocab_ids file not found: .*nope.json .*captioner-prepare shapes"
-    ):
+    with pytest.raises(UserError, match=r"vocab_ids file not found: .*nope.json .*captioner-prepare shapes"):
         GPTConfig.resolve({"name": "tiny", "vocab_ids": str(tmp_path / "nope.json")})
     path.write_text('{"ids": [1]}')
     with pytest.raises(ValueError, match="expected a JSON list of token ids, got dict"):

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from captioner.data.coco_format import load_captions
+from captioner.errors import UserError
 from captioner.prepare import coco
 from tests.data.test_captions import make_caption_root
 
@@ -170,5 +171,5 @@ def test_prepare_from_an_existing_copy(tmp_path, coco_src, monkeypatch):
     coco.prepare_coco(root, source=zipped)
     assert not (root / "val2017").is_symlink() and (root / "val2017" / "000000000102.png").is_file()
     assert (zipped / "val2017.zip").is_file()  # the source copy is left alone
-    with pytest.raises(FileNotFoundError, match=r"train2017\.zip"):
+    with pytest.raises(UserError, match=r"train2017\.zip"):
         coco.prepare_coco(tmp_path / "other", source=tmp_path / "empty")

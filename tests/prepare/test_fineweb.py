@@ -13,6 +13,7 @@ import pytest
 
 import captioner.prepare.fineweb as fineweb
 from captioner.data.shards import load_shard
+from captioner.errors import UserError
 from captioner.prepare.fineweb import prepare_fineweb
 from captioner.tokenizer import EOT, gpt2_encoding
 
@@ -160,19 +161,19 @@ def test_hub_dataset_streams_through_datasets(tmp_path, parquet_file, monkeypatc
     monkeypatch.setattr(datasets, "load_dataset", local_hub)
     out = tmp_path / "out"
     check_shards(prepare_fineweb(out, shard_size=SHARD, num_proc=2), DOCS, out)
-    with pytest.raises(KeyError, match="has no 'body' field"):
+    with pytest.raises(UserError, match="has no 'body' field"):
         prepare_fineweb(tmp_path / "o2", shard_size=SHARD, num_proc=1, text_key="body")
 
 
 def test_errors(tmp_path, parquet_file):
-    with pytest.raises(FileNotFoundError, match=r"nope\.parquet"):
+    with pytest.raises(UserError, match=r"nope\.parquet"):
         prepare_fineweb(tmp_path / "o1", files=[tmp_path / "nope.parquet"], num_proc=1)
-    with pytest.raises(KeyError, match="'body'"):
+    with pytest.raises(UserError, match="'body'"):
         prepare_fineweb(tmp_path / "o2", files=[parquet_file], text_key="body", num_proc=2)
     rows = tmp_path / "rows.jsonl"
     rows.write_text('{"text": "a"}\n{"text": "b"}\n{"body": "c"}\n')
     with pytest.raises(
-        KeyError, match=r"document 2 of .*rows\.jsonl has no 'text' field \(it has \['body'\]\)"
+        UserError, match=r"document 2 of .*rows\.jsonl has no 'text' field \(it has \['body'\]\)"
     ):
         prepare_fineweb(tmp_path / "o5", files=[rows], num_proc=1)
     prepare_fineweb(tmp_path / "o3", files=[parquet_file], shard_size=SHARD, num_proc=1, max_docs=3)

@@ -7,6 +7,7 @@ import re
 import pytest
 from hydra.utils import instantiate
 
+from captioner.errors import UserError
 from captioner.shapes.accuracy import ObjectAccuracy, caption_matches_scene, object_accuracy
 from captioner.shapes.text import NUMBER_WORDS, STYLES, describe
 from captioner.shapes.world import COLORS, sample_scene
@@ -67,7 +68,7 @@ def test_counts_in_words_and_digits():
     ):
         assert caption_matches_scene(caption, sc), caption
     assert not caption_matches_scene("three red circles and a yellow star.", sc)
-    with pytest.raises(KeyError, match="no scene for image_id 5"):
+    with pytest.raises(UserError, match="no scene for image_id 5"):
         object_accuracy({5: "a red circle."}, {})
 
 
@@ -91,11 +92,11 @@ def test_object_accuracy_scorer_from_config(tmp_path):
     overall, per_image = scorer({1: "a red circle.", 2: "a large green star."}, refs)
     assert overall == {"object_acc": 0.5}
     assert per_image == {1: {"object_acc": 0.0}, 2: {"object_acc": 1.0}}
-    with pytest.raises(KeyError, match=r"scenes_val\.json: no scene for image_id 3"):
+    with pytest.raises(UserError, match=r"scenes_val\.json: no scene for image_id 3"):
         scorer({3: "a red circle."}, {3: ["a red circle."]})
 
 
 def test_object_accuracy_scorer_without_scenes_says_how_to_make_them(tmp_path):
     path = tmp_path / "scenes_val.json"
-    with pytest.raises(FileNotFoundError, match=rf"{re.escape(str(path))}.*captioner-prepare shapes"):
+    with pytest.raises(UserError, match=rf"{re.escape(str(path))}.*captioner-prepare shapes"):
         ObjectAccuracy(str(path))({1: "a red circle."}, {1: ["a red circle."]})

@@ -6,10 +6,12 @@ from pathlib import Path
 import pytest
 
 from captioner.cli.prepare import main as prepare_main
+from captioner.errors import UserError
 from captioner.models.vision import VisionEncoder
 from captioner.prepare.shapes import prepare_shapes
 from captioner.shapes import world as S
 from captioner.shapes.clip import REPORT, cell_labels, load_split, train_shapes_clip
+from tests.helpers import exit_code
 
 TINY_STANDIN = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=1)
 
@@ -74,7 +76,7 @@ def test_bad_settings_are_clear_errors(images, tmp_path):
     with pytest.raises(ValueError, match=r"image_size \(64\) must be 3 x patch_size \(16\)"):
         train_shapes_clip(images, tmp_path / "a", clip_config={**TINY_STANDIN, "image_size": 64}, steps=1)
     (tmp_path / "b").mkdir()
-    with pytest.raises(FileExistsError, match=r"holds no shapes_clip\.json"):
+    with pytest.raises(UserError, match=r"holds no shapes_clip\.json"):
         train_shapes_clip(images, tmp_path / "b", steps=1)
     assert not (tmp_path / "a").exists()
 
@@ -84,8 +86,6 @@ def test_cli(images, tmp_path, capsys):
     args = ["shapes-clip", "--images", str(images), "--out", str(out), "--steps", "2"]
     assert prepare_main(args) == 0
     assert "val cell accuracy" in capsys.readouterr().out and (out / "config.json").exists()
-    assert (
-        prepare_main(["shapes-clip", "--images", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")])
-        == 2
-    )
+    args = ["shapes-clip", "--images", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]
+    assert exit_code(prepare_main, args) == 2
     assert "nowhere" in capsys.readouterr().err

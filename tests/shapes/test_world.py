@@ -6,6 +6,7 @@ from collections import Counter
 
 import pytest
 
+from captioner.errors import UserError
 from captioner.shapes.world import RADIUS, Obj, Scene, load_scenes, sample_scene
 
 
@@ -45,7 +46,7 @@ def test_load_scenes_reads_int_ids_and_names_the_file_on_errors(tmp_path):
     path = tmp_path / "scenes_val.json"
     path.write_text(json.dumps({"7": sc.to_dict()}))
     assert load_scenes(path) == {7: sc}
-    with pytest.raises(FileNotFoundError, match=r"nowhere\.json.*captioner-prepare shapes"):
+    with pytest.raises(UserError, match=r"nowhere\.json.*captioner-prepare shapes"):
         load_scenes(tmp_path / "nowhere.json")
     path.write_text(json.dumps({"7": {"objects": []}}))
     with pytest.raises(ValueError, match=r"scenes_val\.json: image_id '7'"):

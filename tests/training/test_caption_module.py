@@ -1,6 +1,7 @@
 import pytest
 
 from captioner.data.captions import CaptionCollate
+from captioner.errors import UserError
 from captioner.training.caption import CaptionModule, resolve_lm, resolve_vision
 from tests.helpers import TINY_CLIP
 
@@ -10,7 +11,7 @@ def test_lm_source_is_required_and_unambiguous(tmp_path):
         resolve_lm({"ckpt": None, "hf": None, "config": None})
     with pytest.raises(ValueError, match="not both"):
         resolve_lm({"ckpt": "a.ckpt", "hf": "gpt2", "config": None})
-    with pytest.raises(FileNotFoundError, match=r"missing\.ckpt"):
+    with pytest.raises(UserError, match=r"missing\.ckpt"):
         resolve_lm({"ckpt": str(tmp_path / "missing.ckpt"), "hf": None, "config": None})
 
 
@@ -21,7 +22,7 @@ def test_random_lm_config_is_resolved_to_plain_fields():
 
 
 def test_offline_clip_name_error_names_the_key():
-    with pytest.raises(OSError, match=r"model\.vision\.clip"):
+    with pytest.raises(UserError, match=r"model\.vision\.clip"):
         resolve_vision({"clip": "no-such-org/no-such-clip", "clip_config": None})
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 
 from captioner.api import load
+from captioner.cli.boundary import error_boundary
+from captioner.errors import UserError
 from captioner.models.vision import UnreadableImage
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -29,7 +31,7 @@ def collect_images(inputs: list[str]) -> list[Path]:
         elif item.is_file():
             paths.append(item)
         else:
-            raise FileNotFoundError(f"no such image or folder: {item}")
+            raise UserError(f"no such image or folder: {item}")
     return paths
 
 
@@ -65,12 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--beams and --batch-size must be ≥ 1")
     generation = {} if args.max_new_tokens is None else {"max_new_tokens": args.max_new_tokens}
 
-    try:
+    with error_boundary("captioner-caption"):
         paths = collect_images(args.images)
         model = load(args.ckpt, device=args.device)
-    except (OSError, ValueError) as err:
-        print(f"captioner-caption: {err}", file=sys.stderr)
-        return 2
 
     # decoded here rather than by model.caption, to skip an unreadable image instead of stopping at it
     for start in range(0, len(paths), args.batch_size):

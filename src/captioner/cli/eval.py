@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+from captioner.cli.boundary import error_boundary
+from captioner.errors import UserError
 from captioner.io import data_dir
 
 
@@ -24,10 +26,10 @@ def _hellaswag(args) -> dict:
 
     device = resolve_device(args.device)
     if args.ckpt and not Path(args.ckpt).is_file():
-        raise FileNotFoundError(f"checkpoint not found: {args.ckpt}")
+        raise UserError(f"checkpoint not found: {args.ckpt}")
     data = Path(args.data) if args.data else download_hellaswag(data_dir("hellaswag"), split="val")
     if not data.is_file():
-        raise FileNotFoundError(f"HellaSwag file not found: {data}")
+        raise UserError(f"HellaSwag file not found: {data}")
     model = GPT.from_lightning_checkpoint(args.ckpt) if args.ckpt else GPT.from_pretrained(args.hf)
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 matmuls, as build-nanogpt evaluates
@@ -132,13 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+    with error_boundary(f"captioner-eval {args.command}"):
         result = args.func(args)
-    # OSError covers missing files and failed downloads (requests' errors are OSErrors); RuntimeError covers a
-    # missing Java or GPT-2 BPE. All are the user's to fix, so a message beats a traceback.
-    except (OSError, ValueError, RuntimeError) as err:
-        print(f"captioner-eval {args.command}: {err}", file=sys.stderr)
-        return 2
     print(json.dumps(result))
     return 0
 

@@ -13,6 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
+from captioner.cli.boundary import error_boundary
 from captioner.models.export import CAPTION, LM, export_checkpoint
 
 PROG = "captioner-export"
@@ -60,11 +61,8 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()  # stderr is for errors only: one line each, as the tests expect
 
-    try:
+    with error_boundary(PROG):  # missing/unreadable/wrong checkpoint, --out taken
         kind = export_checkpoint(args.ckpt, args.out, force=args.force)
-    except (OSError, ValueError, RuntimeError) as err:  # missing/unreadable/wrong checkpoint, --out taken
-        print(f"{PROG}: {err}", file=sys.stderr)
-        return 2
     print(f"{args.out}: {DESCRIPTIONS[kind]}")
     if args.push_to_hub:
         try:

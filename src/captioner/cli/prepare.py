@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from captioner.cli.boundary import error_boundary
 from captioner.io import data_dir
 
 
@@ -141,11 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+    with error_boundary(f"captioner-prepare {args.command}"):  # missing files, failed downloads, bad data
         args.func(args)
-    except (OSError, ValueError) as err:  # missing files, failed downloads, bad data: a message, not a trace
-        print(f"captioner-prepare {args.command}: {err}", file=sys.stderr)
-        return 2
     return 0
 
 

@@ -9,6 +9,7 @@ import sys
 import uvicorn
 
 from captioner.api import load
+from captioner.cli.boundary import error_boundary
 from captioner.server import create_app
 
 
@@ -32,11 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_batch < 1 or args.max_upload_mb <= 0 or args.max_queue < 1:
         parser.error("--max-batch, --max-upload-mb and --max-queue must be positive")
 
-    try:
+    with error_boundary("captioner-serve"):
         model = load(args.model, device=args.device)
-    except (OSError, ValueError) as err:
-        print(f"captioner-serve: {err}", file=sys.stderr)
-        return 2
     app = create_app(
         model,
         max_batch=args.max_batch,

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import logging
 import os
 import platform
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -17,8 +19,10 @@ from lightning.pytorch.accelerators import CPUAccelerator
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from captioner.cli.boundary import error_boundary
 from captioner.data.feature_cache import check_cache_fits
 from captioner.data.hellaswag import load_examples
+from captioner.errors import UserError, check_types
 from captioner.models.gpt import load_checkpoint
 from captioner.optim import parameter_counts
 from captioner.training.base import DivergedError
@@ -47,7 +51,7 @@ def derive_step_settings(trainer: L.Trainer, datamodule, cfg: DictConfig) -> Non
     if hasattr(datamodule, "grad_accum_steps"):
         accum = datamodule.grad_accum_steps(trainer.world_size)
         if "accumulate_grad_batches" in cfg.trainer and cfg.trainer.accumulate_grad_batches != accum:
-            raise ValueError(
+            raise UserError(
                 f"trainer.accumulate_grad_batches={cfg.trainer.accumulate_grad_batches} contradicts "
                 f"data.total_batch_tokens (which gives {accum} at world size {trainer.world_size}); set one"
             )
@@ -88,7 +92,7 @@ def check_inputs(cfg: DictConfig, datamodule: L.LightningDataModule) -> int | No
 def check_accelerator(trainer: DictConfig) -> None:
     """A GPU trainer config (trainer=gpu/ddp/fsdp) on a machine without CUDA: say so before Lightning does."""
     if trainer.get("accelerator") in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise ValueError(
+        raise UserError(
             f"trainer.accelerator={trainer.accelerator} (strategy {strategy_name(trainer)}) but this machine has no "
             "CUDA GPU; use trainer=cpu (or trainer.accelerator=cpu with strategy ddp). FSDP needs GPUs: Lightning's "
             "FSDPStrategy refuses the CPU (Lightning-AI/pytorch-lightning#21812)"
@@ -118,12 +122,12 @@ def check_resume_checkpoint(path: str, caption: bool) -> int:
     ckpt = load_checkpoint(path)
     hparams = ckpt.get("hyper_parameters") or {}
     if caption and "lm" not in hparams:
-        raise ValueError(
+        raise UserError(
             f"ckpt_path={path} is a stage-1 (language model) checkpoint, not a caption run's: to start a caption "
             f"run from it use model.lm.ckpt={path} (ckpt_path resumes a caption run)"
         )
     if not caption and "lm" in hparams:
-        raise ValueError(f"ckpt_path={path} is a caption run's checkpoint; this is a stage-1 (pretrain) run")
+        raise UserError(f"ckpt_path={path} is a caption run's checkpoint; this is a stage-1 (pretrain) run")
     return int(ckpt["global_step"])
 
 
@@ -154,12 +158,33 @@ def keep_freed_memory() -> None:
     libc.mallopt(m_trim_threshold, 2**31 - 1)  # an int: 2 GiB of free heap top before any is returned
 
 
+@dataclass
+class RunSettings:
+    """The root config's own keys (configs/train.yaml), for their types."""
+
+    seed: int
+    ckpt_path: str | None
+    val_every_n_steps: int
+    ckpt_every_n_steps: int
+    validate_at_end: bool
+
+
+def check_config_types(cfg: DictConfig) -> None:
+    """A value of the wrong type for a key a run reads (`trainer.max_steps=ten`) as one line naming the key."""
+    check_types(RunSettings, {f.name: cfg.get(f.name) for f in dataclasses.fields(RunSettings)}, "")
+    check_types(L.Trainer, OmegaConf.to_container(cfg.trainer, resolve=True), "trainer")
+    for group in ("data", "model"):
+        kwargs = OmegaConf.to_container(cfg[group], resolve=True)
+        check_types(hydra.utils.get_class(kwargs.pop("_target_")), kwargs, group)
+
+
 def train(cfg: DictConfig, callbacks: list | None = None) -> dict:
     """Fit (and finally validate) the configured module; returns the last logged metrics. `callbacks` run after
     the configured ones (a benchmark's step clock)."""
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere+ for whatever runs outside autocast
     run_dir = Path(cfg.paths.run_dir)
+    check_config_types(cfg)
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
     resume_step = check_inputs(cfg, datamodule)
     module = build_module(cfg.model)
@@ -208,17 +233,6 @@ def experiments() -> list[str]:
     return sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
 
 
-# Mistakes a user can fix from the message alone: shown as one line, no traceback (HYDRA_FULL_ERROR=1 shows it).
-USER_ERRORS = (
-    FileNotFoundError,
-    NotADirectoryError,
-    ValueError,
-    KeyError,
-    DivergedError,
-    OmegaConfBaseException,
-)
-
-
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def _hydra_main(cfg: DictConfig) -> None:
     if HydraConfig.get().runtime.choices.get("experiment") is None:
@@ -229,13 +243,11 @@ def _hydra_main(cfg: DictConfig) -> None:
         )
         sys.exit(2)
     try:
-        train(cfg)
-    except USER_ERRORS as err:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"captioner-train: {message}", file=sys.stderr)
-        sys.exit(1 if isinstance(err, DivergedError) else 2)
+        with error_boundary("captioner-train", also=(OmegaConfBaseException,)):
+            train(cfg)
+    except DivergedError as err:  # not a mistake but an outcome: the run stopped, its last good weights kept
+        print(f"captioner-train: {err}", file=sys.stderr)
+        sys.exit(1)
 
 
 def main() -> None:

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from captioner.data.coco_format import CaptionIndex, load_captions
 from captioner.data.feature_cache import FeatureStore
 from captioner.data.image_source import ImageSource
+from captioner.errors import UserError
 from captioner.tokenizer import EOT, gpt2_encoding
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ def encode_captions(texts: Sequence[str], enc, max_tokens: int) -> tuple[np.ndar
     Flat arrays rather than lists of lists: DataLoader workers then share them copy-on-write.
     """
     if max_tokens < 1:
-        raise ValueError(f"max_caption_tokens must be >= 1, got {max_tokens}")
+        raise UserError(f"max_caption_tokens must be >= 1, got {max_tokens}")
     seqs = [_wrap(t, max_tokens) for t in enc.encode_ordinary_batch([normalize_caption(s) for s in texts])]
     offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
     np.cumsum([len(s) for s in seqs], out=offsets[1:])
@@ -145,9 +146,9 @@ class CaptionSampler(Sampler[int]):
         skip_batches: int = 0,
     ):
         if mode not in ("all", "one"):
-            raise ValueError(f"captions_per_epoch must be 'all' or 'one', got {mode!r}")
+            raise UserError(f"captions_per_epoch must be 'all' or 'one', got {mode!r}")
         if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside world size {world_size}")
+            raise UserError(f"rank {rank} outside world size {world_size}")
         self.index, self.mode, self.shuffle, self.seed = index, mode, shuffle, seed
         self.rank, self.world_size, self.drop_tail, self.batch_size = rank, world_size, drop_tail, batch_size
         self.epoch, self.skip_batches = epoch, skip_batches
@@ -258,9 +259,9 @@ class CocoCaptionDataModule(L.LightningDataModule):
     ):
         super().__init__()
         if captions_per_epoch not in ("all", "one"):
-            raise ValueError(f"data.captions_per_epoch must be 'all' or 'one', got {captions_per_epoch!r}")
+            raise UserError(f"data.captions_per_epoch must be 'all' or 'one', got {captions_per_epoch!r}")
         if batch_size < 1:
-            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+            raise UserError(f"data.batch_size must be >= 1, got {batch_size}")
         # Plain strings, not Paths: checkpoints must load with torch.load(weights_only=True).
         self.save_hyperparameters(
             {
@@ -302,12 +303,12 @@ class CocoCaptionDataModule(L.LightningDataModule):
             features = FeatureStore(hp.features_dir, name)
             missing = [i for i in index.image_ids if i not in features]
             if missing:
-                raise ValueError(
+                raise UserError(
                     f"{features.meta_path}: no cached features for {len(missing)} image(s) of {index.path} "
                     f"(first: image_id {missing[0]}); rebuild the cache (`{hp.prepare_hint} --features`)"
                 )
         elif not index.image_dir.is_dir():
-            raise FileNotFoundError(f"image directory not found: {index.image_dir} (run `{hp.prepare_hint}`)")
+            raise UserError(f"image directory not found: {index.image_dir} (run `{hp.prepare_hint}`)")
         tokens, offsets = encode_captions(index.captions, gpt2_encoding(), hp.max_caption_tokens)
         source = ImageSource(index, image_size=hp.image_size, features=features)
         return _Split(index, source, CaptionPairs(index, tokens, offsets, source))

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from pycocotools.coco import COCO
 
+from captioner.errors import UserError
+
 
 @dataclass
 class CaptionIndex:
@@ -44,22 +46,22 @@ def annotation_path(root: str | Path, split: str) -> Path:
 
 def _read_json(path: Path, what: str):
     if not path.is_file():
-        raise FileNotFoundError(f"{what} file not found: {path}")
+        raise UserError(f"{what} file not found: {path}")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
+        raise UserError(f"{path}: not valid JSON ({err})") from None
 
 
 def _check_fields(record, fields: dict[str, type], where: str) -> None:
     if not isinstance(record, dict):
-        raise ValueError(f"{where}: expected an object, got {type(record).__name__}")
+        raise UserError(f"{where}: expected an object, got {type(record).__name__}")
     for key, kind in fields.items():
         if key not in record:
-            raise ValueError(f"{where}: missing key {key!r}")
+            raise UserError(f"{where}: missing key {key!r}")
         value = record[key]
         if not isinstance(value, kind) or isinstance(value, bool):
-            raise ValueError(f"{where}: key {key!r} must be {kind.__name__}, got {value!r}")
+            raise UserError(f"{where}: key {key!r} must be {kind.__name__}, got {value!r}")
 
 
 def _quiet():
@@ -76,22 +78,22 @@ def load_annotations(path: str | Path, image_fields: dict[str, type] | None = No
     path = Path(path)
     data = _read_json(path, "caption annotations")
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object with 'images' and 'annotations'")
+        raise UserError(f"{path}: expected a JSON object with 'images' and 'annotations'")
     for key in ("images", "annotations"):
         if key not in data:
-            raise ValueError(f"{path}: missing top-level key {key!r}")
+            raise UserError(f"{path}: missing top-level key {key!r}")
         if not isinstance(data[key], list):
-            raise ValueError(f"{path}: top-level key {key!r} must be a list, got {type(data[key]).__name__}")
+            raise UserError(f"{path}: top-level key {key!r} must be a list, got {type(data[key]).__name__}")
     image_ids = set()
     for i, image in enumerate(data["images"]):
         _check_fields(image, image_fields or {"id": int}, f"{path}: images[{i}]")
         if image["id"] in image_ids:
-            raise ValueError(f"{path}: images[{i}] repeats image id {image['id']}")
+            raise UserError(f"{path}: images[{i}] repeats image id {image['id']}")
         image_ids.add(image["id"])
     for j, ann in enumerate(data["annotations"]):
         _check_fields(ann, {"id": int, "image_id": int, "caption": str}, f"{path}: annotations[{j}]")
         if ann["image_id"] not in image_ids:
-            raise ValueError(
+            raise UserError(
                 f"{path}: annotations[{j}] has image_id {ann['image_id']}, which is not in 'images'"
             )
     # Checked here, then indexed by pycocotools: COCO(path) meets a malformed file with a bare assert.
@@ -108,16 +110,14 @@ def load_results(path: str | Path) -> list[dict]:
     path = Path(path)
     data = _read_json(path, "predictions")
     if not isinstance(data, list):
-        raise ValueError(
-            f"{path}: expected a list of {{'image_id', 'caption'}} objects (COCO results format)"
-        )
+        raise UserError(f"{path}: expected a list of {{'image_id', 'caption'}} objects (COCO results format)")
     if not data:
-        raise ValueError(f"{path}: no predictions (an empty list)")
+        raise UserError(f"{path}: no predictions (an empty list)")
     seen = set()
     for i, entry in enumerate(data):
         _check_fields(entry, {"image_id": int, "caption": str}, f"{path}: entry {i}")
         if entry["image_id"] in seen:
-            raise ValueError(f"{path}: image_id {entry['image_id']!r} appears more than once")
+            raise UserError(f"{path}: image_id {entry['image_id']!r} appears more than once")
         seen.add(entry["image_id"])
     return data
 
@@ -137,16 +137,16 @@ def load_captions(root: str | Path, split: str, prepare_hint: str = "captioner-p
     """
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"caption data root not found: {root} (run `{prepare_hint}`)")
+        raise UserError(f"caption data root not found: {root} (run `{prepare_hint}`)")
     path = annotation_path(root, split)
     if not path.is_file():
-        raise FileNotFoundError(f"caption annotations not found: {path} (run `{prepare_hint}`)")
+        raise UserError(f"caption annotations not found: {path} (run `{prepare_hint}`)")
     coco = load_annotations(path, image_fields={"id": int, "file_name": str})
     images = coco.dataset["images"]
     if not images:
-        raise ValueError(f"{path}: split {split!r} is empty ('images' is an empty list)")
+        raise UserError(f"{path}: split {split!r} is empty ('images' is an empty list)")
     if not coco.dataset["annotations"]:
-        raise ValueError(f"{path}: split {split!r} has no captions ('annotations' is an empty list)")
+        raise UserError(f"{path}: split {split!r} has no captions ('annotations' is an empty list)")
     image_ids = [image["id"] for image in images]
     grouped = [[ann["caption"] for ann in coco.imgToAnns.get(image_id, [])] for image_id in image_ids]
     counts = np.array([len(g) for g in grouped], dtype=np.int64)

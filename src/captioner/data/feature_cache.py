@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from captioner.data.coco_format import load_captions
+from captioner.errors import UserError
 from captioner.io import save_json
 from captioner.models.vision import ClipPreprocess
 from captioner.optim import weights_fingerprint
@@ -93,7 +94,7 @@ def build_feature_cache(
     """
     index = load_captions(root, split)
     if getattr(encoder, "image_size", image_size) != image_size:
-        raise ValueError(f"image_size {image_size} differs from the encoder's {encoder.image_size}")
+        raise UserError(f"image_size {image_size} differs from the encoder's {encoder.image_size}")
     data_path, meta_path = cache_paths(out_dir, split)
     partial = data_path.with_name(data_path.name + ".partial")
     progress_path = data_path.with_name(f"{split}.progress.json")
@@ -133,7 +134,7 @@ def build_feature_cache(
                 if good.any():
                     feats = encoder.encode(pixels[good].to(device))  # (B_ok, N, D)
                     if tuple(feats.shape[1:]) != tuple(shape[1:]):
-                        raise ValueError(
+                        raise UserError(
                             f"encoder.encode gave {tuple(feats.shape)}, expected (B, {shape[1]}, {shape[2]})"
                         )
                     rows[good] = feats.float().cpu().half()
@@ -165,7 +166,7 @@ class FeatureStore:
     def __init__(self, out_dir: str | Path, split: str):
         self.data_path, self.meta_path = cache_paths(out_dir, split)
         if not self.meta_path.is_file() or not self.data_path.is_file():
-            raise FileNotFoundError(
+            raise UserError(
                 f"feature cache not found: {self.meta_path} / {self.data_path} "
                 "(build it with `captioner-prepare coco --features`)"
             )
@@ -174,15 +175,15 @@ class FeatureStore:
             self.shape = tuple(int(s) for s in meta["shape"])
             image_ids, ok = meta["image_ids"], meta["ok"]
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"{self.meta_path}: not a feature-cache metadata file ({err!r})") from err
+            raise UserError(f"{self.meta_path}: not a feature-cache metadata file ({err!r})") from err
         if meta.get("dtype") != "float16" or len(self.shape) != 3:
             got = f"{meta.get('dtype')!r} {self.shape}"
-            raise ValueError(f"{self.meta_path}: expected dtype float16 and a 3-d shape, got {got}")
+            raise UserError(f"{self.meta_path}: expected dtype float16 and a 3-d shape, got {got}")
         expected = int(np.prod(self.shape)) * np.dtype(DTYPE).itemsize
         if (size := self.data_path.stat().st_size) != expected:
-            raise ValueError(f"{self.data_path}: {size} bytes, but shape {self.shape} needs {expected}")
+            raise UserError(f"{self.data_path}: {size} bytes, but shape {self.shape} needs {expected}")
         if len(image_ids) != self.shape[0] or len(ok) != self.shape[0]:
-            raise ValueError(f"{self.meta_path}: image_ids/ok lengths do not match shape {self.shape}")
+            raise UserError(f"{self.meta_path}: image_ids/ok lengths do not match shape {self.shape}")
         self.encoder = meta.get("encoder", {})
         self.image_ids = [int(i) for i in image_ids]
         self.ok = [bool(v) for v in ok]
@@ -222,7 +223,7 @@ def check_cache_fits(features_dir: str | Path, split: str, *, clip: str | None, 
     """Refuse a cache that cannot stand in for the model's CLIP: CLIP trains (`vision` in `trainable`), or the
     cache was built with another named CLIP."""
     if "vision" in trainable:
-        raise ValueError(
+        raise UserError(
             f"data.features_dir={features_dir} serves precomputed CLIP outputs, but model.trainable includes "
             "'vision': a trained CLIP needs pixels (set data.features_dir=null or drop 'vision')"
         )
@@ -230,4 +231,4 @@ def check_cache_fits(features_dir: str | Path, split: str, *, clip: str | None, 
     if meta_file.exists():
         cached = json.loads(meta_file.read_text()).get("encoder", {}).get("clip")
         if cached and clip and cached != clip:
-            raise ValueError(f"{meta_file}: features were computed with CLIP {cached!r}, model uses {clip!r}")
+            raise UserError(f"{meta_file}: features were computed with CLIP {cached!r}, model uses {clip!r}")

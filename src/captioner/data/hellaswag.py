@@ -10,29 +10,31 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from captioner.errors import UserError
+
 N_ENDINGS = 4
 
 
 def _validate(example, where: str) -> dict:
     """Check one parsed line; `where` is "file:line" for the error message."""
     if not isinstance(example, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(example).__name__}")
+        raise UserError(f"{where}: expected a JSON object, got {type(example).__name__}")
     for key in ("ctx", "label", "endings"):
         if key not in example:
-            raise ValueError(f"{where}: missing key {key!r}")
+            raise UserError(f"{where}: missing key {key!r}")
     if not isinstance(example["ctx"], str):
-        raise ValueError(f"{where}: key 'ctx' must be a string, got {type(example['ctx']).__name__}")
+        raise UserError(f"{where}: key 'ctx' must be a string, got {type(example['ctx']).__name__}")
     endings = example["endings"]
     if not (
         isinstance(endings, list) and len(endings) == N_ENDINGS and all(isinstance(e, str) for e in endings)
     ):
-        raise ValueError(f"{where}: key 'endings' must be a list of {N_ENDINGS} strings, got {endings!r}")
+        raise UserError(f"{where}: key 'endings' must be a list of {N_ENDINGS} strings, got {endings!r}")
     label = example["label"]
     # The Hugging Face copy of HellaSwag stores labels as strings ("0".."3"); accept both spellings.
     if isinstance(label, str) and label.isdigit():
         label = int(label)
     if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < N_ENDINGS:
-        raise ValueError(f"{where}: key 'label' must be an integer in 0..{N_ENDINGS - 1}, got {label!r}")
+        raise UserError(f"{where}: key 'label' must be an integer in 0..{N_ENDINGS - 1}, got {label!r}")
     return {**example, "label": label}
 
 
@@ -40,7 +42,7 @@ def load_examples(path: str | Path, limit: int | None = None) -> list[dict]:
     """Read and validate up to `limit` examples from a HellaSwag-format jsonl file (blank lines skipped)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"HellaSwag file not found: {path} (run `captioner-prepare hellaswag`)")
+        raise UserError(f"HellaSwag file not found: {path} (run `captioner-prepare hellaswag`)")
     examples = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
@@ -51,10 +53,10 @@ def load_examples(path: str | Path, limit: int | None = None) -> list[dict]:
             try:
                 example = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({err.msg})") from None
+                raise UserError(f"{path}:{lineno}: invalid JSON ({err.msg})") from None
             examples.append(_validate(example, f"{path}:{lineno}"))
     if not examples:
-        raise ValueError(f"{path}: no examples")
+        raise UserError(f"{path}: no examples")
     return examples
 
 

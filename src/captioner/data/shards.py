@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from captioner.errors import UserError
 from captioner.io import save_npy
 
 MAX_TOKEN = 2**16 - 1
@@ -33,9 +34,9 @@ def write_shard(path: str | Path, tokens) -> None:
     """Write a 1-D token array as uint16 .npy, atomically; ids must fit in 16 bits (GPT-2's 50257 do)."""
     tokens = np.asarray(tokens)
     if tokens.ndim != 1:
-        raise ValueError(f"{path}: tokens must be 1-D, got shape {tokens.shape}")
+        raise UserError(f"{path}: tokens must be 1-D, got shape {tokens.shape}")
     if tokens.size and (tokens.min() < 0 or tokens.max() > MAX_TOKEN):
-        raise ValueError(f"{path}: token ids outside uint16 range [0, {MAX_TOKEN}]")
+        raise UserError(f"{path}: token ids outside uint16 range [0, {MAX_TOKEN}]")
     save_npy(path, tokens.astype(np.uint16, copy=False))
 
 
@@ -43,13 +44,11 @@ def list_shards(data_dir: str | Path, split: str, prepare_hint: str = DEFAULT_PR
     """The `*_{split}_NNNNNN.npy` files in `data_dir`, sorted by name (so by index for one prefix)."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise FileNotFoundError(
-            f"token shard directory {data_dir} does not exist; create it with `{prepare_hint}`"
-        )
+        raise UserError(f"token shard directory {data_dir} does not exist; create it with `{prepare_hint}`")
     name = re.compile(rf".+_{re.escape(split)}_\d+\.npy")
     paths = sorted(p for p in data_dir.glob(f"*_{split}_*.npy") if name.fullmatch(p.name))
     if not paths:
-        raise FileNotFoundError(
+        raise UserError(
             f"no {split} shards (*_{split}_NNNNNN.npy) in {data_dir}; create them with `{prepare_hint}`"
         )
     return paths
@@ -67,19 +66,19 @@ def load_shard(path: str | Path) -> np.ndarray:
             elif version == (2, 0):
                 shape, _, dtype = fmt.read_array_header_2_0(f)
             else:
-                raise ValueError(f"unsupported .npy format version {version}")
+                raise UserError(f"unsupported .npy format version {version}")
             offset = f.tell()
     except (ValueError, OSError, EOFError, SyntaxError) as err:
-        raise ValueError(f"{path}: not a readable .npy token shard ({err})") from err
+        raise UserError(f"{path}: not a readable .npy token shard ({err})") from err
     if dtype != np.uint16:
-        raise ValueError(f"{path}: token shard dtype is {dtype}, expected uint16")
+        raise UserError(f"{path}: token shard dtype is {dtype}, expected uint16")
     if len(shape) != 1:
-        raise ValueError(f"{path}: token shard must be 1-D, got shape {shape}")
+        raise UserError(f"{path}: token shard must be 1-D, got shape {shape}")
     (n,) = shape
     if n < 2:
-        raise ValueError(f"{path}: token shard holds {n} token(s); at least 2 are needed for one (x, y) pair")
+        raise UserError(f"{path}: token shard holds {n} token(s); at least 2 are needed for one (x, y) pair")
     expected, actual = offset + 2 * n, os.path.getsize(path)
     if actual != expected:
         what = "truncated" if actual < expected else "has trailing bytes"
-        raise ValueError(f"{path}: {what}: header says {n} tokens ({expected} bytes), file is {actual} bytes")
+        raise UserError(f"{path}: {what}: header says {n} tokens ({expected} bytes), file is {actual} bytes")
     return np.memmap(path, dtype=np.uint16, mode="r", offset=offset, shape=(n,))

@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from captioner.data.shards import DEFAULT_PREPARE_HINT, list_shards, load_shard
+from captioner.errors import UserError
 
 
 def windows_in(n_tokens: int, seq_len: int) -> int:
@@ -74,12 +75,12 @@ class TrainWindowStream(IterableDataset):
         self.counts = np.array([windows_in(n, seq_len) for n in lengths], dtype=np.int64)
         self.n_windows = int(self.counts.sum())
         if self.n_windows == 0:
-            raise ValueError(
+            raise UserError(
                 f"seq_len={seq_len} needs shards of at least {seq_len + 1} tokens; the longest of "
                 f"{len(paths)} shard(s) ({paths[0].parent}) has {max(lengths)}"
             )
         if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+            raise UserError(f"rank {rank} is outside world_size {world_size}")
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
         self.rank, self.world_size, self.start_batch = rank, world_size, start_batch
 
@@ -136,14 +137,14 @@ class ValWindows(Dataset):
         counts = np.array([windows_in(n, seq_len) for n in lengths], dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(counts)])
         if self.starts[-1] == 0:
-            raise ValueError(
+            raise UserError(
                 f"seq_len={seq_len} needs val shards of at least {seq_len + 1} tokens; the longest of "
                 f"{len(paths)} shard(s) ({paths[0].parent}) has {max(lengths)}"
             )
         n_windows = min(n_windows, int(self.starts[-1]))
         self.per_rank = n_windows // world_size
         if self.per_rank == 0:
-            raise ValueError(f"val: {n_windows} window(s) to evaluate, fewer than world_size={world_size}")
+            raise UserError(f"val: {n_windows} window(s) to evaluate, fewer than world_size={world_size}")
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
 
     def __len__(self) -> int:
@@ -185,7 +186,7 @@ class TokenShardDataModule(L.LightningDataModule):
         super().__init__()
         for key, value in [("seq_len", seq_len), ("micro_batch_size", micro_batch_size)]:
             if value < 1:
-                raise ValueError(f"{key} must be >= 1, got {value}")
+                raise UserError(f"{key} must be >= 1, got {value}")
         data_dir = str(data_dir)  # hparams stay plain data (a Path would not load with weights_only=True)
         self.save_hyperparameters()
         self.start_batch = 0  # micro-batches of this rank to skip: set by load_state_dict (resume) or by hand
@@ -200,7 +201,7 @@ class TokenShardDataModule(L.LightningDataModule):
         hp = self.hparams
         per_pass = hp.micro_batch_size * hp.seq_len * world_size
         if hp.total_batch_tokens <= 0 or hp.total_batch_tokens % per_pass:
-            raise ValueError(
+            raise UserError(
                 f"total_batch_tokens={hp.total_batch_tokens} must be a positive multiple of "
                 f"micro_batch_size={hp.micro_batch_size} × seq_len={hp.seq_len} × world_size={world_size} "
                 f"= {per_pass}"
@@ -240,7 +241,7 @@ class TokenShardDataModule(L.LightningDataModule):
         hp = self.hparams
         n_windows = hp.val_tokens // hp.seq_len
         if n_windows == 0:
-            raise ValueError(f"val_tokens={hp.val_tokens} is less than one window of seq_len={hp.seq_len}")
+            raise UserError(f"val_tokens={hp.val_tokens} is less than one window of seq_len={hp.seq_len}")
         return ValWindows(
             *self.shards("val"), hp.seq_len, hp.micro_batch_size, n_windows, rank=rank, world_size=world
         )
@@ -286,7 +287,7 @@ class TokenShardDataModule(L.LightningDataModule):
         if windows is not None and windows % per_batch == 0:
             self.start_batch = windows // per_batch
         elif windows is not None:
-            raise ValueError(
+            raise UserError(
                 f"checkpoint consumed {windows} windows, not a multiple of micro_batch_size × world_size = "
                 f"{per_batch}; resume with the micro-batch size and device count of the original run"
             )

@@ -28,6 +28,7 @@ from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PUNCTUATIONS, PTBTokenizer
 
 from captioner.data.coco_format import load_annotations, load_results, load_results_against
+from captioner.errors import UserError
 
 METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider")
 BACKENDS = ("auto", "pycocoevalcap", "python")
@@ -137,12 +138,12 @@ def _meteor(gts: dict, res: dict) -> tuple[float | None, list[float] | None]:
 
 def resolve_backend(backend: str) -> str:
     if backend not in BACKENDS:
-        raise ValueError(f"unknown caption-metrics backend {backend!r}; expected one of {BACKENDS}")
+        raise UserError(f"unknown caption-metrics backend {backend!r}; expected one of {BACKENDS}")
     has_java = shutil.which("java") is not None
     if backend == "auto":
         return "pycocoevalcap" if has_java else "python"
     if backend == "pycocoevalcap" and not has_java:
-        raise RuntimeError("backend 'pycocoevalcap' needs Java on PATH (PTBTokenizer, METEOR); use 'python'")
+        raise UserError("backend 'pycocoevalcap' needs Java on PATH (PTBTokenizer, METEOR); use 'python'")
     return backend
 
 
@@ -158,10 +159,10 @@ def score_captions(
     """
     backend = resolve_backend(backend)
     if not predictions:
-        raise ValueError("no predictions to score")
+        raise UserError("no predictions to score")
     for image_id in predictions:
         if not references.get(image_id):
-            raise ValueError(f"image_id {image_id!r} has a prediction but no reference captions")
+            raise UserError(f"image_id {image_id!r} has a prediction but no reference captions")
     ids = sorted(predictions)
     if backend == "pycocoevalcap":
         tokens = tokenize_java(
@@ -233,7 +234,7 @@ def score_results_file(
     gt = load_annotations(ann_json)
     for entry in results:
         if not gt.imgToAnns.get(entry["image_id"]):
-            raise ValueError(
+            raise UserError(
                 f"{ann_json}: no captions for image_id {entry['image_id']!r} (predicted in {pred_json})"
             )
     res = load_results_against(results, gt)

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from captioner.data.coco_format import CaptionIndex, load_captions
 from captioner.data.feature_cache import FeatureStore, cache_paths, encoder_identity
 from captioner.data.image_source import ImageSource
+from captioner.errors import UserError
 from captioner.eval.caption_metrics import resolve_backend, score_captions, tokenize_java
 from captioner.io import save_json, save_text
 from captioner.models.captioner import Captioner, generation_settings, load_captioner, resolve_device
@@ -276,9 +277,9 @@ def evaluate_split(
     backend = resolve_backend(backend)
     device = resolve_device(device)
     if batch_size < 1 or (beams is not None and beams < 1):
-        raise ValueError(f"batch_size and beams must be >= 1, got {batch_size} and {beams}")
+        raise UserError(f"batch_size and beams must be >= 1, got {batch_size} and {beams}")
     if not ckpt.exists():
-        raise FileNotFoundError(f"checkpoint not found: {ckpt}")
+        raise UserError(f"checkpoint not found: {ckpt}")
     index = load_captions(root, split)
 
     model, hparams = load_captioner(ckpt)
@@ -287,7 +288,7 @@ def evaluate_split(
     out = Path(out) if out is not None else default_results_path(root, split, ckpt, header)
     features = matching_feature_store(root / "features", split, model, index)
     if features is None and not index.image_dir.is_dir():
-        raise FileNotFoundError(f"image directory not found: {index.image_dir}")
+        raise UserError(f"image directory not found: {index.image_dir}")
     if num_workers is None:
         # Decoding workers pay off for image files only: cached features are memory-mapped reads.
         num_workers = default_num_workers() if features is None else 0
@@ -330,7 +331,7 @@ def evaluate_split(
         if index.image_ids[i] in captions
     ]
     if not results:
-        raise ValueError(f"{index.path}: no image of split {split!r} could be captioned")
+        raise UserError(f"{index.path}: no image of split {split!r} could be captioned")
     save_json(out, results)
     partial.unlink()
 

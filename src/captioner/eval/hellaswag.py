@@ -26,6 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from captioner.data.hellaswag import load_examples, render_example
+from captioner.errors import UserError
 from captioner.models.loss import CHUNK_ROWS  # scored tokens per output-layer call
 from captioner.tokenizer import gpt2_encoding
 
@@ -283,7 +284,7 @@ def evaluate_hellaswag(
     else:
         examples = list(path_or_examples)[:limit]
     if not examples:
-        raise ValueError("no HellaSwag examples to evaluate")
+        raise UserError("no HellaSwag examples to evaluate")
     counts = score_hellaswag(model, examples, batch_size=batch_size, device=device)
     n = counts["n"]
     return {"n": n, "acc": counts["correct"] / n, "acc_norm": counts["correct_norm"] / n}

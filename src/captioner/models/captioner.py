@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from captioner.errors import UserError, from_hub
 from captioner.models import generate as decoding
 from captioner.models.cross_attention import GatedCrossAttention
 from captioner.models.gpt import GPT, GPTConfig, lm_config_from_checkpoint, load_checkpoint
@@ -44,7 +45,7 @@ class Captioner(nn.Module):
     ):
         super().__init__()
         if vision.proj[0].out_features != lm.config.n_embd:
-            raise ValueError(
+            raise UserError(
                 f"VisionEncoder projects to {vision.proj[0].out_features}, but the LM's n_embd is {lm.config.n_embd}"
             )
         self.lm = lm
@@ -95,7 +96,7 @@ class Captioner(nn.Module):
             return self.vision.clip_parameters()
         if part == "lm":
             return [p for name, p in self.lm.named_parameters() if not name.startswith("cross.")]
-        raise ValueError(f"unknown trainable part {part!r}; valid parts: {', '.join(PARTS)}")
+        raise UserError(f"unknown trainable part {part!r}; valid parts: {', '.join(PARTS)}")
 
     def set_trainable(self, parts: Iterable[str]) -> dict[str, int]:
         """Train only `parts` (from "xattn", "projection", "vision", "lm"); freeze the rest.
@@ -145,7 +146,7 @@ class Captioner(nn.Module):
         if method == "sample":
             pick = decoding.sampler(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
             return decoding.generate(self.lm, prompt, pick, **common)
-        raise ValueError(f"unknown decoding method {method!r}; choose greedy, beam or sample")
+        raise UserError(f"unknown decoding method {method!r}; choose greedy, beam or sample")
 
     def caption(
         self, pixel_values: torch.Tensor | None = None, features: torch.Tensor | None = None, **generation
@@ -164,7 +165,7 @@ def generation_settings(saved: dict | None, beams: int | None = None, **override
     settings = {"method": "beam", **(saved or {}), **overrides}
     if beams is not None:
         if isinstance(beams, bool) or not isinstance(beams, int) or beams < 1:
-            raise ValueError(f"beams must be a whole number ≥ 1, got {beams!r}")
+            raise UserError(f"beams must be a whole number ≥ 1, got {beams!r}")
         settings.update(method="greedy") if beams == 1 else settings.update(method="beam", num_beams=beams)
     return settings
 
@@ -176,9 +177,9 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     try:
         resolved = torch.device(device)
     except RuntimeError as err:
-        raise ValueError(f"--device {device!r}: {err}") from None
+        raise UserError(f"--device {device!r}: {err}") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device} requested but CUDA is not available")
+        raise UserError(f"--device {device} requested but CUDA is not available")
     return resolved
 
 
@@ -187,7 +188,7 @@ def resolve_lm(lm: dict) -> dict:
     checkpoint (`ckpt`), an HF GPT-2 (`hf`), or a GPTConfig name/fields (random init)."""
     lm = dict(lm)
     if lm.get("ckpt") and lm.get("hf"):
-        raise ValueError(f"model.lm: give either ckpt ({lm['ckpt']}) or hf ({lm['hf']}), not both")
+        raise UserError(f"model.lm: give either ckpt ({lm['ckpt']}) or hf ({lm['hf']}), not both")
     config = lm.get("config")
     if config is not None and not isinstance(config, str) and "name" not in config:
         return lm  # already resolved (e.g. read back from a checkpoint)
@@ -196,11 +197,13 @@ def resolve_lm(lm: dict) -> dict:
     elif lm.get("hf"):
         from transformers import GPT2Config
 
-        lm["config"] = dataclasses.asdict(GPTConfig.from_hf(GPT2Config.from_pretrained(lm["hf"]), lm["hf"]))
+        lm["config"] = dataclasses.asdict(
+            GPTConfig.from_hf(from_hub(GPT2Config.from_pretrained, lm["hf"], "model.lm.hf"), lm["hf"])
+        )
     elif config:
         lm["config"] = dataclasses.asdict(GPTConfig.resolve(config))
     else:
-        raise ValueError(
+        raise UserError(
             "model.lm: no language model given: set model.lm.ckpt=<stage-1 last.ckpt>, model.lm.hf=gpt2 "
             "(or a local HF dir), or model.lm.config=<GPTConfig name> for a randomly initialised LM"
         )
@@ -212,16 +215,11 @@ def resolve_vision(vision: dict) -> dict:
     vision = dict(vision)
     if vision.get("clip_config") is None:
         if not vision.get("clip"):
-            raise ValueError("model.vision: set clip (hub name or local dir) or clip_config (random CLIP)")
+            raise UserError("model.vision: set clip (hub name or local dir) or clip_config (random CLIP)")
         from transformers import CLIPVisionConfig
 
-        try:
-            vision["clip_config"] = CLIPVisionConfig.from_pretrained(vision["clip"]).to_dict()
-        except OSError as err:
-            raise OSError(
-                f"model.vision.clip={vision['clip']!r}: CLIP config not found locally or on the hub ({err}); "
-                "point it at a local save_pretrained directory, or set model.vision.clip_config for a random CLIP"
-            ) from err
+        config = from_hub(CLIPVisionConfig.from_pretrained, vision["clip"], "model.vision.clip")
+        vision["clip_config"] = config.to_dict()
     return vision
 
 
@@ -254,12 +252,12 @@ def load_pretrained_weights(model: Captioner, lm: dict, vision: dict) -> None:
     if source is not None:
         missing, unexpected = model.lm.load_state_dict(source.state_dict(), strict=False)
         if unexpected or any(not k.startswith("cross.") for k in missing):
-            raise RuntimeError(f"LM weights do not fit: missing {missing}, unexpected {unexpected}")
+            raise UserError(f"LM weights do not fit: missing {missing}, unexpected {unexpected}")
         log.info("language model loaded from %s", lm.get("ckpt") or lm.get("hf"))
     if vision.get("clip"):
         from transformers import CLIPVisionModel
 
-        clip = CLIPVisionModel.from_pretrained(vision["clip"])
+        clip = from_hub(CLIPVisionModel.from_pretrained, vision["clip"], "model.vision.clip")
         model.vision.clip.load_state_dict(clip.state_dict())
         log.info("CLIP loaded from %s", vision["clip"])
 
@@ -284,7 +282,7 @@ def load_captioner(path: str | os.PathLike) -> tuple[Captioner, dict]:
         kind = (
             "a stage-1 (language model) checkpoint, not" if "gpt" in hparams or "model" in hparams else "not"
         )
-        raise ValueError(
+        raise UserError(
             f"{path}: {kind} a caption checkpoint (hyper_parameters need {', '.join(CAPTIONER_KEYS)}); "
             "pass the last.ckpt of a caption run"
         )
@@ -322,7 +320,7 @@ def save_captioner(model: Captioner, hparams: dict, directory: str | os.PathLike
     try:
         text = json.dumps(config, indent=2)
     except TypeError as err:  # a hyper-parameter that is not plain data
-        raise ValueError(f"captioner config is not plain data ({err})") from None
+        raise UserError(f"captioner config is not plain data ({err})") from None
     (directory / CONFIG_FILE).write_text(text + "\n")
     # save_model, not save_file: it stores the tied wte/lm_head matrix once and load_model re-ties it
     save_model(model, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
@@ -334,27 +332,27 @@ def _load_captioner_dir(path: Path) -> tuple[Captioner, dict]:
     config_file, weights_file = path / CONFIG_FILE, path / WEIGHTS_FILE
     if not config_file.is_file():
         hint = "; it looks like a transformers model (load it with GPT.from_pretrained)"
-        raise FileNotFoundError(
+        raise UserError(
             f"{path}: no {CONFIG_FILE}, not an exported captioner{hint if (path / 'config.json').is_file() else ''}"
         )
     try:
         config = json.loads(config_file.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{config_file}: not valid JSON ({err})") from None
+        raise UserError(f"{config_file}: not valid JSON ({err})") from None
     if (
         not isinstance(config, dict)
         or config.get("format") != FORMAT
         or not all(k in config for k in CAPTIONER_KEYS)
     ):
-        raise ValueError(
+        raise UserError(
             f"{config_file}: not a captioner config (needs format {FORMAT!r}, {', '.join(CAPTIONER_KEYS)})"
         )
     if not weights_file.is_file():
-        raise FileNotFoundError(f"{path}: {WEIGHTS_FILE} is missing")
+        raise UserError(f"{path}: {WEIGHTS_FILE} is missing")
     model = build_captioner(**{key: config[key] for key in CAPTIONER_KEYS})
     missing, unexpected = load_model(model, weights_file, strict=False)
     if missing or unexpected:
-        raise ValueError(
+        raise UserError(
             f"{weights_file}: weights do not fit the config; missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     return model.eval(), config

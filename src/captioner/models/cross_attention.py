@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from captioner.errors import UserError
 from captioner.models.gpt import MLP
 from captioner.models.kv_cache import KVCache
 
@@ -23,7 +24,7 @@ class GatedCrossAttention(nn.Module):
     def __init__(self, n_embd: int, n_head: int):
         super().__init__()
         if n_embd % n_head != 0:
-            raise ValueError(f"GatedCrossAttention: n_embd ({n_embd}) must be divisible by n_head ({n_head})")
+            raise UserError(f"GatedCrossAttention: n_embd ({n_embd}) must be divisible by n_head ({n_head})")
         self.n_head = n_head
         self.n_embd = n_embd
         self.ln_1 = nn.LayerNorm(n_embd)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from captioner.errors import UserError
 from captioner.io import make_shareable
 from captioner.models.captioner import CAPTIONER_KEYS, load_captioner, save_captioner
 from captioner.models.gpt import GPT, HF_TRANSPOSED, load_checkpoint
@@ -44,7 +45,7 @@ def checkpoint_kind(ckpt: dict, path: str | os.PathLike) -> str:
     if isinstance(hparams, dict) and ("gpt" in hparams or "model" in hparams):
         return LM
     found = sorted(hparams) if isinstance(hparams, dict) else None
-    raise ValueError(
+    raise UserError(
         f"{path}: neither a stage-1 nor a caption checkpoint (hyper_parameters need `gpt`, or "
         f"{', '.join(CAPTIONER_KEYS)}; found {found})"
     )
@@ -58,7 +59,7 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, *, force:
     out = Path(out)
     check_destination(out, force)
     if force and Path(ckpt).resolve().is_relative_to(out.resolve()):
-        raise ValueError(f"{ckpt} is inside {out}: replacing {out} would delete the checkpoint")
+        raise UserError(f"{ckpt} is inside {out}: replacing {out} would delete the checkpoint")
     kind = checkpoint_kind(load_checkpoint(ckpt), ckpt)
     if kind == LM:
         model = GPT.from_lightning_checkpoint(ckpt)
@@ -79,9 +80,9 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, *, force:
 def check_destination(out: Path, force: bool) -> None:
     """Refuse to export over a file or, without `force`, over a directory with anything in it."""
     if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a directory")
+        raise UserError(f"{out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise FileExistsError(f"{out} exists and is not empty; pass --force to replace it")
+        raise UserError(f"{out} exists and is not empty; pass --force to replace it")
 
 
 @contextlib.contextmanager
@@ -140,13 +141,13 @@ def hf_gpt2_config(model: GPT):
 def hf_gpt2_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     """Our GPT's weights in HF GPT-2's layout: Conv1D matrices transposed, the first N_VOCAB rows of wte/lm_head."""
     if model.config.vocab_size < N_VOCAB:
-        raise ValueError(
+        raise UserError(
             f"vocab_size {model.config.vocab_size} is smaller than GPT-2's {N_VOCAB}: not a GPT-2 tokenizer model"
         )
     if len(model.cross):
-        raise ValueError("this GPT has cross-attention layers: export the captioner instead")
+        raise UserError("this GPT has cross-attention layers: export the captioner instead")
     if model.config.vocab_ids is not None:
-        raise ValueError(
+        raise UserError(
             f"this GPT reads and writes only {len(model.config.vocab_ids)} token ids (GPTConfig.vocab_ids): "
             "transformers' GPT-2 has no way to give the others zero probability"
         )
@@ -169,7 +170,7 @@ def save_hf_gpt2(model: GPT, directory: Path) -> None:
     # older transformers keep the causal mask as a buffer named attn.bias / attn.masked_bias
     missing = [k for k in missing if not k.endswith((".attn.bias", ".attn.masked_bias"))]
     if missing or unexpected:
-        raise ValueError(f"GPT-2 layout mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise UserError(f"GPT-2 layout mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
     hf.tie_weights()
     hf.save_pretrained(directory)
 
@@ -211,7 +212,7 @@ def recover_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
             # the leftmost lowest-ranked pair, as tiktoken merges; only its neighbours' pairs change
             best = pair.index(min(pair))
             if pair[best] == none:
-                raise ValueError(f"token {token!r} (rank {rank}) cannot be built from earlier merges")
+                raise UserError(f"token {token!r} (rank {rank}) cannot be built from earlier merges")
             parts[best : best + 2] = [pair[best]]
             del pair[best]
             if best > 0:

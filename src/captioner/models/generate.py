@@ -21,6 +21,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from captioner.errors import UserError
 from captioner.models.gpt import GPT
 from captioner.models.kv_cache import KVCache
 from captioner.tokenizer import N_VOCAB
@@ -42,11 +43,11 @@ def sampler(
     """A Pick that samples from softmax(logits / temperature), restricted to the top_k most likely tokens and
     then to the smallest set of them whose probability reaches top_p. Seed `generator` for reproducibility."""
     if not temperature > 0:
-        raise ValueError(f"temperature must be > 0 (use greedy decoding for argmax), got {temperature!r}")
+        raise UserError(f"temperature must be > 0 (use greedy decoding for argmax), got {temperature!r}")
     if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1 or None, got {top_k!r}")
+        raise UserError(f"top_k must be >= 1 or None, got {top_k!r}")
     if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+        raise UserError(f"top_p must be in (0, 1] or None, got {top_p!r}")
 
     def pick(logits: torch.Tensor) -> torch.Tensor:
         logits = logits / temperature  # (B, V)
@@ -70,7 +71,7 @@ def _check_length(lm: GPT, prompt: torch.Tensor, max_new_tokens: int) -> None:
     # the last new token is returned, never fed, hence the - 1
     fed = prompt.size(1) + max_new_tokens - 1
     if fed > lm.config.block_size:
-        raise ValueError(
+        raise UserError(
             f"prompt of {prompt.size(1)} tokens + max_new_tokens={max_new_tokens} needs {fed} positions; "
             f"the model's block_size is {lm.config.block_size}"
         )
@@ -85,7 +86,7 @@ class _Feed:
 
     def __init__(self, lm, prompt, context, *, group, max_new_tokens, n_vocab, use_cache, cuda_graph):
         if cuda_graph and not (use_cache and prompt.device.type == "cuda"):
-            raise ValueError("cuda_graph=True needs use_cache=True and a model on a CUDA device")
+            raise UserError("cuda_graph=True needs use_cache=True and a model on a CUDA device")
         self.lm, self.n_vocab, self.seq = lm, n_vocab, prompt
         self.graphed = (
             _graphed_step(lm, prompt, context, group, max_new_tokens, n_vocab) if cuda_graph else None
@@ -164,7 +165,7 @@ class _GraphedStep:
         if self.graph is None:
             self.capture()
         if self.cache.length + 1 > self.cache.max_length:
-            raise ValueError(f"KVCache holds {self.cache.max_length} positions; all are used")
+            raise UserError(f"KVCache holds {self.cache.max_length} positions; all are used")
         self.tokens.copy_(tokens[:, None])
         self.graph.replay()
         self.cache.length += 1
@@ -328,7 +329,7 @@ def beam_search(
     are float64, so ties and comparisons come out as in Python floats (the reference this was checked against).
     """
     if num_beams < 1:
-        raise ValueError(f"num_beams must be >= 1, got {num_beams!r}")
+        raise UserError(f"num_beams must be >= 1, got {num_beams!r}")
     _check_length(lm, prompt, max_new_tokens)
     B, K, L, device = prompt.size(0), num_beams, max_new_tokens, prompt.device
     if L == 0:

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from captioner.errors import UserError, from_hub
 from captioner.models.kv_cache import KVCache
 from captioner.models.loss import linear_cross_entropy
 from captioner.tokenizer import EOT
@@ -44,14 +45,14 @@ class GPTConfig:
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+                raise UserError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
         if self.n_embd % self.n_head != 0:
-            raise ValueError(
+            raise UserError(
                 f"GPTConfig.n_embd ({self.n_embd}) must be divisible by GPTConfig.n_head ({self.n_head})"
             )
         std = self.wte_std
         if isinstance(std, bool) or not isinstance(std, int | float) or not std > 0:
-            raise ValueError(f"GPTConfig.wte_std must be a positive number, got {std!r}")
+            raise UserError(f"GPTConfig.wte_std must be a positive number, got {std!r}")
         self.wte_std = float(std)
         if self.vocab_ids is not None:
             self.vocab_ids = _checked_vocab_ids(self.vocab_ids, self.vocab_size)
@@ -65,7 +66,7 @@ class GPTConfig:
     def named(cls, name: str, **overrides) -> GPTConfig:
         """A named shape (`gpt2_124m`, `gpt2`, `demo`, `tiny`) with optional field overrides."""
         if name not in NAMED_CONFIGS:
-            raise ValueError(f"unknown GPT config name {name!r}; known names: {', '.join(NAMED_CONFIGS)}")
+            raise UserError(f"unknown GPT config name {name!r}; known names: {', '.join(NAMED_CONFIGS)}")
         return cls(**{**NAMED_CONFIGS[name], **overrides})
 
     @classmethod
@@ -83,9 +84,7 @@ class GPTConfig:
     def from_hf(cls, hf_config, source: object = "GPT2Config") -> GPTConfig:
         """The shape of a transformers `GPT2Config` (which must be GPT-2's architecture)."""
         if getattr(hf_config, "activation_function", "gelu_new") != "gelu_new":
-            raise ValueError(
-                f"{source}: activation_function {hf_config.activation_function!r} is not GPT-2's"
-            )
+            raise UserError(f"{source}: activation_function {hf_config.activation_function!r} is not GPT-2's")
         return cls(
             block_size=hf_config.n_positions,
             vocab_size=hf_config.vocab_size,
@@ -98,18 +97,18 @@ class GPTConfig:
 def _checked_vocab_ids(ids, vocab_size: int) -> tuple[int, ...]:
     """`ids` as a sorted tuple, or a ValueError naming what is wrong with them."""
     if isinstance(ids, str | bytes) or not hasattr(ids, "__iter__"):
-        raise ValueError(f"GPTConfig.vocab_ids must be a list of token ids or a JSON file, got {ids!r}")
+        raise UserError(f"GPTConfig.vocab_ids must be a list of token ids or a JSON file, got {ids!r}")
     ids = list(ids)
     bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size]
     if bad or not ids:
-        raise ValueError(
+        raise UserError(
             f"GPTConfig.vocab_ids must be distinct token ids in [0, {vocab_size}), got {bad[:5] or 'an empty list'}"
         )
     if len(set(ids)) != len(ids):
-        raise ValueError("GPTConfig.vocab_ids lists a token id twice")
+        raise UserError("GPTConfig.vocab_ids lists a token id twice")
     if EOT not in ids:
         # Documents start with EOT, and ids outside the list read as it.
-        raise ValueError(f"GPTConfig.vocab_ids must include <|endoftext|> ({EOT})")
+        raise UserError(f"GPTConfig.vocab_ids must include <|endoftext|> ({EOT})")
     return tuple(sorted(ids))
 
 
@@ -117,13 +116,13 @@ def read_vocab_ids(path: str | os.PathLike) -> list[int]:
     """The token ids listed in a JSON file (as `captioner-prepare shapes` writes `vocab_ids.json`)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"vocab_ids file not found: {path} (captioner-prepare shapes writes one)")
+        raise UserError(f"vocab_ids file not found: {path} (captioner-prepare shapes writes one)")
     try:
         ids = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
+        raise UserError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(ids, list):
-        raise ValueError(f"{path}: expected a JSON list of token ids, got {type(ids).__name__}")
+        raise UserError(f"{path}: expected a JSON list of token ids, got {type(ids).__name__}")
     return ids
 
 
@@ -263,7 +262,7 @@ class GPT(nn.Module):
         Each layer is called as `layer(x, context, cache=cache, layer=i)` and returns the new x (B, T, C).
         """
         if not isinstance(every, int) or every < 1:
-            raise ValueError(f"cross-attention interval `every` must be a positive integer, got {every!r}")
+            raise UserError(f"cross-attention interval `every` must be a positive integer, got {every!r}")
         for i in range(self.config.n_layer):
             if (i + 1) % every == 0:
                 self.cross[str(i)] = make_layer(i)
@@ -336,7 +335,7 @@ class GPT(nn.Module):
         T = idx.size(1)  # idx is (B, T)
         start = 0 if cache is None else cache.length
         if start + T > self.config.block_size:
-            raise ValueError(
+            raise UserError(
                 f"sequence of length {start + T} exceeds the model's block_size {self.config.block_size}"
             )
         if cache is not None:
@@ -377,7 +376,7 @@ class GPT(nn.Module):
         """OpenAI GPT-2 weights via transformers: a hub name ("gpt2") or a `save_pretrained` directory."""
         from transformers import GPT2LMHeadModel
 
-        hf = GPT2LMHeadModel.from_pretrained(name_or_dir)
+        hf = from_hub(GPT2LMHeadModel.from_pretrained, name_or_dir, "GPT-2 weights")
         model = cls(GPTConfig.from_hf(hf.config, source=name_or_dir))
         sd = model.state_dict()
         # HF's GPT-2 uses Conv1D modules: the same math as Linear with the weight stored transposed.
@@ -385,7 +384,7 @@ class GPT(nn.Module):
             k: v for k, v in hf.state_dict().items() if not k.endswith((".attn.bias", ".attn.masked_bias"))
         }
         if set(sd_hf) != set(sd):
-            raise ValueError(
+            raise UserError(
                 f"{name_or_dir}: weights do not match GPT-2's layout; "
                 f"missing {sorted(set(sd) - set(sd_hf))[:5]}, unexpected {sorted(set(sd_hf) - set(sd))[:5]}"
             )
@@ -413,11 +412,11 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     """A Lightning checkpoint as plain data (weights_only; memory-mapped, so reading its config is cheap)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise UserError(f"checkpoint not found: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # torch raises RuntimeError/UnpicklingError/EOFError for a bad file
-        raise ValueError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
+        raise UserError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
 
 
 def lm_config_from_checkpoint(ckpt: dict, path: str | os.PathLike) -> GPTConfig:
@@ -426,7 +425,7 @@ def lm_config_from_checkpoint(ckpt: dict, path: str | os.PathLike) -> GPTConfig:
     fields = (hparams or {}).get("gpt", (hparams or {}).get("model"))
     known = {f.name for f in dataclasses.fields(GPTConfig)}
     if not isinstance(fields, dict) or set(fields) - known:
-        raise ValueError(
+        raise UserError(
             f"{path}: not a stage-1 checkpoint (hyper_parameters.gpt must hold GPTConfig fields {sorted(known)}, "
             f"got {fields!r})"
         )
@@ -445,5 +444,5 @@ def read_lm_checkpoint(path: str | os.PathLike) -> tuple[GPTConfig, dict[str, to
         if key.startswith("model.")
     }
     if not weights:
-        raise ValueError(f"{path}: state_dict has no `model.` keys; keys start with {sorted(state_dict)[:3]}")
+        raise UserError(f"{path}: state_dict has no `model.` keys; keys start with {sorted(state_dict)[:3]}")
     return config, weights

@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
+from captioner.errors import UserError, from_hub
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -27,7 +29,7 @@ REASONS = {
 }
 
 
-class UnreadableImage(ValueError):
+class UnreadableImage(UserError):
     """An image that cannot be decoded: `reason` is a key of REASONS, `name` the file or upload it is."""
 
     def __init__(self, name: str, reason: str, detail: str = ""):
@@ -128,9 +130,9 @@ class VisionEncoder(nn.Module):
         if clip_config is not None:
             self.clip = CLIPVisionModel(CLIPVisionConfig(**clip_config))
         elif clip:
-            self.clip = CLIPVisionModel.from_pretrained(clip)
+            self.clip = from_hub(CLIPVisionModel.from_pretrained, clip, "clip")
         else:
-            raise ValueError("VisionEncoder needs `clip` (hub name or local dir) or `clip_config`")
+            raise UserError("VisionEncoder needs `clip` (hub name or local dir) or `clip_config`")
         self.proj = nn.Sequential(nn.Linear(self.hidden_size, out_dim), nn.LayerNorm(out_dim))
 
     @property
@@ -170,7 +172,7 @@ class VisionEncoder(nn.Module):
     ) -> torch.Tensor:
         """Image tokens (B, N, C) from pixels (B, 3, H, W) or from precomputed `encode` outputs (B, N, D)."""
         if (pixel_values is None) == (features is None):
-            raise ValueError("VisionEncoder.forward takes exactly one of pixel_values or features")
+            raise UserError("VisionEncoder.forward takes exactly one of pixel_values or features")
         if features is None:
             features = self.encode(pixel_values)  # (B, N, D)
         return self.proj(features.to(self.proj[0].weight.dtype))  # (B, N, C)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from captioner.data.coco_format import load_captions
 from captioner.data.feature_cache import build_feature_cache
+from captioner.errors import UserError
 from captioner.io import save_text
 from captioner.models.vision import VisionEncoder
 from captioner.prepare.download import check_zip, download
@@ -54,7 +55,7 @@ def extract_zip(zip_path: str | Path, root: str | Path, top: str) -> Path:
     with zipfile.ZipFile(zip_path) as zf:
         members = [m for m in zf.infolist() if _wanted(m.filename, top)]
         if not any(not m.is_dir() for m in members):
-            raise ValueError(f"{zip_path}: no files under {top}/ in this zip")
+            raise UserError(f"{zip_path}: no files under {top}/ in this zip")
         with Progress() as progress:
             for member in progress.track(members, description=f"extract {zip_path.name}"):
                 zf.extract(member, tmp)
@@ -102,7 +103,7 @@ def prepare_coco(
     root = Path(root)
     unknown = [s for s in splits if s not in COCO_SPLITS]
     if unknown:
-        raise ValueError(f"unknown COCO split(s) {unknown}; expected some of {COCO_SPLITS}")
+        raise UserError(f"unknown COCO split(s) {unknown}; expected some of {COCO_SPLITS}")
     with _progress_log():
         start = time.perf_counter()
         origin = f"from the copy in {source}" if source is not None else "downloading what is missing"
@@ -119,7 +120,7 @@ def prepare_coco(
                 _use_source(Path(source), root, name, top, splits, step)
                 continue
             if (root / top).exists():
-                raise FileExistsError(
+                raise UserError(
                     f"{root / top} exists but was not written by captioner-prepare; remove it, or pass "
                     f"source={root} to use it as it is"
                 )
@@ -129,7 +130,7 @@ def prepare_coco(
                 _verify(zip_path, step)
             except ValueError as err:
                 zip_path.unlink()  # a fresh download is the only fix
-                raise ValueError(f"{err}; deleted it, re-run to download it again") from err
+                raise UserError(f"{err}; deleted it, re-run to download it again") from err
             _extract(zip_path, root, top, step)
             if not keep_zips:
                 zip_path.unlink()
@@ -193,10 +194,10 @@ def _use_source(source: Path, root: Path, name: str, top: str, splits: Sequence[
     if (source / name).is_file():
         _verify(source / name, step)
         if (root / top).exists():
-            raise FileExistsError(f"{root / top} exists but was not written by captioner-prepare; remove it")
+            raise UserError(f"{root / top} exists but was not written by captioner-prepare; remove it")
         _extract(source / name, root, top, step)
         return
-    raise FileNotFoundError(
+    raise UserError(
         f"source {source}: neither {source / top}/ (extracted) nor {source / name} (zip) is there"
     )
 

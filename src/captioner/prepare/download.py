@@ -11,10 +11,12 @@ from pathlib import Path
 
 import requests
 
+from captioner.errors import UserError
+
 log = logging.getLogger(__name__)
 
 
-class DownloadError(OSError):
+class DownloadError(UserError, OSError):
     """A transfer ended short or inconsistent; the `.part` file is kept so that a retry resumes it."""
 
 
@@ -114,6 +116,6 @@ def check_zip(path: str | Path) -> None:
         with zipfile.ZipFile(path) as zf:
             bad = zf.testzip()
     except (zipfile.BadZipFile, zlib.error, EOFError) as err:
-        raise ValueError(f"{path}: corrupt zip ({err})") from err
+        raise UserError(f"{path}: corrupt zip ({err})") from err
     if bad is not None:
-        raise ValueError(f"{path}: corrupt zip, member {bad!r} fails its CRC check")
+        raise UserError(f"{path}: corrupt zip, member {bad!r} fails its CRC check")

@@ -29,6 +29,7 @@ from rich.progress import Progress, ProgressColumn, TextColumn, TimeElapsedColum
 from rich.text import Text
 
 from captioner.data.shards import shard_path, split_of
+from captioner.errors import UserError, from_hub
 from captioner.io import save_json, save_npy
 from captioner.tokenizer import EOT, gpt2_encoding
 
@@ -65,7 +66,7 @@ def _texts(rows: Sequence[dict], text_key: str, first: int, source: str) -> list
     """The `text_key` field of rows `first`, `first + 1`, ... of source, or a KeyError naming the row without it."""
     for i, row in enumerate(rows):
         if text_key not in row:
-            raise KeyError(
+            raise UserError(
                 f"document {first + i} of {source} has no {text_key!r} field (it has {sorted(row)})"
             )
     return [row[text_key] for row in rows]
@@ -74,10 +75,11 @@ def _texts(rows: Sequence[dict], text_key: str, first: int, source: str) -> list
 def _hub_batches(dataset: str, name: str | None, text_key: str) -> Iterator[pa.Array]:
     from datasets import load_dataset  # heavy (streaming also imports torch); only needed here
 
-    rows = load_dataset(dataset, name=name, split="train", streaming=True).with_format("arrow")
+    stream = from_hub(lambda d: load_dataset(d, name=name, split="train", streaming=True), dataset, "dataset")
+    rows = stream.with_format("arrow")
     for batch in rows.iter(DOCS_PER_BATCH):
         if text_key not in batch.column_names:
-            raise KeyError(
+            raise UserError(
                 f"{dataset} ({name}) has no {text_key!r} field (it has {sorted(batch.column_names)})"
             )
         yield batch[text_key].combine_chunks()
@@ -86,7 +88,7 @@ def _hub_batches(dataset: str, name: str | None, text_key: str) -> Iterator[pa.A
 def _parquet_batches(path: Path, text_key: str) -> Iterator[pa.Array]:
     file = pq.ParquetFile(path)
     if text_key not in file.schema_arrow.names:
-        raise KeyError(f"{path} has no {text_key!r} field (it has {sorted(file.schema_arrow.names)})")
+        raise UserError(f"{path} has no {text_key!r} field (it has {sorted(file.schema_arrow.names)})")
     for batch in file.iter_batches(batch_size=DOCS_PER_BATCH, columns=[text_key]):
         yield batch.column(0)
 
@@ -108,9 +110,9 @@ def _json_batches(path: Path, text_key: str) -> Iterator[list[str]]:
 def _local_batches(files: Sequence[Path], text_key: str) -> Iterator[Texts]:
     for f in files:  # every name is checked before the first document is read
         if not f.is_file():
-            raise FileNotFoundError(f"input file {f} does not exist")
+            raise UserError(f"input file {f} does not exist")
         if not f.name.endswith((".parquet", *JSON_SUFFIXES)):
-            raise ValueError(f"{f}: expected a .parquet, .jsonl, .json, .jsonl.gz or .json.gz file")
+            raise UserError(f"{f}: expected a .parquet, .jsonl, .json, .jsonl.gz or .json.gz file")
     for f in files:
         yield from (_parquet_batches if f.name.endswith(".parquet") else _json_batches)(f, text_key)
 
@@ -160,10 +162,10 @@ def _read_manifest(path: Path, settings: dict) -> dict:
         state = json.loads(path.read_text())
         saved = state["settings"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ValueError(f"{path}: unreadable manifest ({err}); delete it to start over") from err
+        raise UserError(f"{path}: unreadable manifest ({err}); delete it to start over") from err
     for key, value in settings.items():
         if saved.get(key) != value:
-            raise ValueError(
+            raise UserError(
                 f"{path}: these shards were made with {key}={saved.get(key)!r}, now {key}={value!r}; "
                 "use another output directory or prefix, or delete the manifest and shards to start over"
             )
@@ -200,7 +202,7 @@ def prepare_fineweb(
     out_dir = Path(out_dir)
     files = [Path(f) for f in files] if files else None
     if shard_size < 2:
-        raise ValueError(f"shard_size must be >= 2 tokens, got {shard_size}")
+        raise UserError(f"shard_size must be >= 2 tokens, got {shard_size}")
     settings = {
         "source": [str(f.resolve()) for f in files] if files else f"{dataset}/{name}",
         "text_key": text_key,
@@ -245,7 +247,7 @@ def prepare_fineweb(
             # on resume, the first document's first `carry` tokens are already in the last finished shard
             pos, carry = carry, 0
             if pos >= lengths[0]:
-                raise ValueError(
+                raise UserError(
                     f"{manifest}: document {docs_done} is shorter than the manifest says; the source changed "
                     "since the last run; delete the manifest and shards to start over"
                 )
@@ -265,7 +267,7 @@ def prepare_fineweb(
         elif fill:  # a 1-token shard holds no (x, y) pair and readers reject it
             console.print(f"dropped the last token (token id {buf[0]}): too short for a shard of its own")
     if not state["shards"]:
-        raise ValueError(f"no documents in {settings['source']}; nothing written to {out_dir}")
+        raise UserError(f"no documents in {settings['source']}; nothing written to {out_dir}")
     state["complete"] = True
     save_json(manifest, state, indent=1)
     return [out_dir / n for n in state["shards"]]

@@ -23,6 +23,7 @@ import numpy as np
 from captioner.data.captions import encode_captions
 from captioner.data.hellaswag import render_example
 from captioner.data.shards import load_shard, shard_path, write_shard
+from captioner.errors import UserError
 from captioner.io import atomic_path, save_json, save_text
 from captioner.shapes.images import render_scene
 from captioner.shapes.text import captions_for, document, hellaswag_rows
@@ -190,11 +191,11 @@ def prepare_shapes(
     }
     for key, value in params.items():
         if key != "shard_size" and (not isinstance(value, int) or value < (0 if key == "seed" else 1)):
-            raise ValueError(f"prepare_shapes: {key} must be a positive integer, got {value!r}")
+            raise UserError(f"prepare_shapes: {key} must be a positive integer, got {value!r}")
     if shard_size is not None and (not isinstance(shard_size, int) or shard_size < 1):
-        raise ValueError(f"prepare_shapes: shard_size must be a positive integer or None, got {shard_size!r}")
+        raise UserError(f"prepare_shapes: shard_size must be a positive integer or None, got {shard_size!r}")
     if image_size < 16:
-        raise ValueError(f"prepare_shapes: image_size {image_size} is too small to draw shapes (min 16)")
+        raise UserError(f"prepare_shapes: image_size {image_size} is too small to draw shapes (min 16)")
 
     out_dir = Path(out_dir)
     manifest = out_dir / "manifest.json"
@@ -202,7 +203,7 @@ def prepare_shapes(
         old = json.loads(manifest.read_text())
         if old != params:
             changed = {k: (old.get(k), v) for k, v in params.items() if old.get(k) != v}
-            raise ValueError(
+            raise UserError(
                 f"{manifest}: this directory holds a shapes world made with other arguments (old, new): {changed}; "
                 "use another out_dir or delete this one"
             )

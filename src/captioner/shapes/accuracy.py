@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+from captioner.errors import UserError
 from captioner.shapes.text import GENERIC_NOUNS, NUMBER_OF, SIZE_OF, split_words
 from captioner.shapes.world import COLORS, SHAPES, Scene, load_scenes
 
@@ -90,12 +91,12 @@ def caption_matches_scene(caption: str, scene: Scene | dict) -> bool:
 def _matches(captions: dict[int, str], scenes: dict[int, Scene | dict], who: str) -> dict[int, bool]:
     """{image_id: `caption_matches_scene`} for each caption; scenes may be keyed by int or str image ids."""
     if not captions:
-        raise ValueError(f"{who}: no captions to score")
+        raise UserError(f"{who}: no captions to score")
     matches = {}
     for image_id, caption in captions.items():
         scene = scenes.get(image_id, scenes.get(str(image_id)))
         if scene is None:
-            raise KeyError(f"{who}: no scene for image_id {image_id!r}")
+            raise UserError(f"{who}: no scene for image_id {image_id!r}")
         matches[image_id] = caption_matches_scene(caption, scene)
     return matches
 

@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from captioner.data.coco_format import load_captions
+from captioner.errors import UserError
 from captioner.io import make_shareable, save_json
 from captioner.models.vision import ClipPreprocess, token_parameters
 from captioner.optim import warmup_cosine
@@ -70,7 +71,7 @@ def load_split(images_root: str | Path, split: str, image_size: int) -> tuple[to
     pixels, labels, skipped = [], [], []
     for i, image_id in enumerate(index.image_ids):
         if image_id not in scenes:
-            raise ValueError(f"{root}/annotations/scenes_{split}.json has no scene for image {image_id}")
+            raise UserError(f"{root}/annotations/scenes_{split}.json has no scene for image {image_id}")
         image = preprocess(index.image_path(i))  # (3, S, S), or None when unreadable
         if image is None:
             skipped.append(index.file_names[i])
@@ -80,7 +81,7 @@ def load_split(images_root: str | Path, split: str, image_size: int) -> tuple[to
     if skipped:
         log.warning("%s: skipped %d unreadable images: %s", split, len(skipped), ", ".join(skipped[:10]))
     if not pixels:
-        raise ValueError(f"{root}: no readable images in split {split!r}")
+        raise UserError(f"{root}: no readable images in split {split!r}")
     return torch.stack(pixels), torch.stack(labels)
 
 
@@ -135,12 +136,12 @@ def train_shapes_clip(
         log.info("%s already holds a trained stand-in CLIP; skipping", out_dir)
         return json.loads((out_dir / REPORT).read_text())
     if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+        raise UserError(f"steps must be >= 1, got {steps}")
     if out_dir.exists():
-        raise FileExistsError(f"{out_dir} exists but holds no {REPORT}: not a stand-in CLIP; move it away")
+        raise UserError(f"{out_dir} exists but holds no {REPORT}: not a stand-in CLIP; move it away")
     config = CLIPVisionConfig(**{**DEFAULT_CLIP_CONFIG, **(clip_config or {})})
     if config.image_size != GRID * config.patch_size:
-        raise ValueError(
+        raise UserError(
             f"clip_config: image_size ({config.image_size}) must be {GRID} x patch_size ({config.patch_size}), "
             f"so that each patch is one cell of the world's {GRID}x{GRID} grid"
         )

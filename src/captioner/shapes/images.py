@@ -6,6 +6,7 @@ import math
 
 from PIL import Image, ImageDraw
 
+from captioner.errors import UserError
 from captioner.shapes.world import GRID, RADIUS, SHAPES, Obj, Scene
 
 RGB = {
@@ -38,7 +39,7 @@ def _outline(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
             for k in range(10)
             for rr, a in [((r if k % 2 == 0 else 0.48 * r), -math.pi / 2 + k * math.pi / 5)]
         ]
-    raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+    raise UserError(f"unknown shape {shape!r}; expected one of {SHAPES}")
 
 
 def object_center_px(obj: Obj, image_size: int) -> tuple[int, int]:

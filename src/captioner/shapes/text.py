@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 import re
 
+from captioner.errors import UserError
 from captioner.shapes.world import (
     COLORS,
     POSITIONS,
@@ -129,7 +130,7 @@ def describe(scene: Scene, rng: random.Random, style: str | None = None, *, size
             "{} on a dark background: {}.",
         )
         return rng.choice(templates).format(counted, items)
-    raise ValueError(f"unknown style {style!r}; expected one of {STYLES}")
+    raise UserError(f"unknown style {style!r}; expected one of {STYLES}")
 
 
 def reference(obj: Obj, scene: Scene, *, color: bool = True, size: bool = True) -> str | None:
@@ -286,7 +287,7 @@ def question(scene: Scene, rng: random.Random, kind: str) -> tuple[str, str, str
         endings = [f"{r} {ref_b}." for r in RELATIONS]
         right = next(e for r, e in zip(RELATIONS, endings) if relation_holds(a, b, r))
         return context, f"{ref_a} is", right, [e for e in endings if e != right]
-    raise ValueError(f"unknown question kind {kind!r}; expected one of {QUESTION_KINDS}")
+    raise UserError(f"unknown question kind {kind!r}; expected one of {QUESTION_KINDS}")
 
 
 def hellaswag_rows(rng: random.Random, n: int) -> list[dict]:

@@ -10,6 +10,8 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from captioner.errors import UserError
+
 COLORS = ("red", "green", "blue", "yellow", "purple", "orange")
 SHAPES = ("circle", "square", "triangle", "star", "diamond")
 SIZES = ("small", "large")
@@ -46,14 +48,14 @@ class Obj:
     def __post_init__(self):
         for name, allowed in (("color", COLORS), ("shape", SHAPES), ("size", SIZES)):
             if getattr(self, name) not in allowed:
-                raise ValueError(f"object {name} {getattr(self, name)!r} is not one of {allowed}")
+                raise UserError(f"object {name} {getattr(self, name)!r} is not one of {allowed}")
         for name in ("row", "col"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < GRID:
-                raise ValueError(f"object {name} {value!r} is not a grid index in 0..{GRID - 1}")
+                raise UserError(f"object {name} {value!r} is not a grid index in 0..{GRID - 1}")
         for name in ("x", "y"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"object {name} {getattr(self, name)!r} is outside [0, 1]")
+                raise UserError(f"object {name} {getattr(self, name)!r} is outside [0, 1]")
 
     @property
     def cell(self) -> tuple[int, int]:
@@ -66,10 +68,10 @@ class Scene:
 
     def __post_init__(self):
         if not self.objects:
-            raise ValueError("a scene needs at least one object")
+            raise UserError("a scene needs at least one object")
         cells = [o.cell for o in self.objects]
         if len(set(cells)) != len(cells):
-            raise ValueError(f"objects share a grid cell (they would overlap): cells {cells}")
+            raise UserError(f"objects share a grid cell (they would overlap): cells {cells}")
 
     def to_dict(self) -> dict:
         return {"objects": [asdict(o) for o in self.objects]}
@@ -77,13 +79,13 @@ class Scene:
     @classmethod
     def from_dict(cls, d: dict) -> Scene:
         if not isinstance(d, dict) or not isinstance(d.get("objects"), list):
-            raise ValueError(f"scene must be a dict with an 'objects' list, got {d!r}")
+            raise UserError(f"scene must be a dict with an 'objects' list, got {d!r}")
         fields = ("color", "shape", "size", "row", "col", "x", "y")
         objects = []
         for i, o in enumerate(d["objects"]):
             missing = [f for f in fields if f not in o]
             if missing:
-                raise ValueError(f"scene object {i} is missing keys {missing}: {o!r}")
+                raise UserError(f"scene object {i} is missing keys {missing}: {o!r}")
             objects.append(Obj(**{f: o[f] for f in fields}))
         return cls(objects)
 
@@ -98,7 +100,7 @@ def relation_holds(a: Obj, b: Obj, relation: str) -> bool:
         return a.row < b.row
     if relation == "below":
         return a.row > b.row
-    raise ValueError(f"unknown relation {relation!r}; expected one of {RELATIONS}")
+    raise UserError(f"unknown relation {relation!r}; expected one of {RELATIONS}")
 
 
 def sample_scene(rng: random.Random, max_objects: int = 3) -> Scene:
@@ -125,15 +127,15 @@ def load_scenes(path: str | Path) -> dict[int, Scene]:
     try:
         raw = json.loads(path.read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(f"scenes file not found: {path} (run `captioner-prepare shapes`)") from None
+        raise UserError(f"scenes file not found: {path} (run `captioner-prepare shapes`)") from None
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: invalid JSON ({err.msg})") from None
+        raise UserError(f"{path}: invalid JSON ({err.msg})") from None
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected an object {{image_id: scene}}, got {type(raw).__name__}")
+        raise UserError(f"{path}: expected an object {{image_id: scene}}, got {type(raw).__name__}")
     scenes = {}
     for key, value in raw.items():
         try:
             scenes[int(key)] = Scene.from_dict(value)
         except ValueError as err:
-            raise ValueError(f"{path}: image_id {key!r}: {err}") from None
+            raise UserError(f"{path}: image_id {key!r}: {err}") from None
     return scenes

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import random
 from dataclasses import dataclass
 
@@ -13,6 +14,7 @@ import torch.distributed as dist
 from lightning.pytorch.strategies import FSDPStrategy
 from torch.distributed.fsdp import FullyShardedDataParallel
 
+from captioner.errors import check_types
 from captioner.optim import make_adamw, parameter_counts, warmup_cosine_schedule
 
 
@@ -29,6 +31,9 @@ class OptimConfig:
     min_lr_ratio: float = 0.1
     gate_lr_mult: float = 1.0  # lr multiplier of the cross-attention gates (stage 2)
     max_skipped_steps: int = 3  # consecutive non-finite steps (each skipped) before the run stops
+
+    def __post_init__(self):
+        check_types(OptimConfig, dataclasses.asdict(self), "model.optim")
 
 
 class DivergedError(RuntimeError):

@@ -18,6 +18,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 from PIL import Image
 
+from captioner.errors import UserError
 from captioner.io import save_text
 
 log = logging.getLogger(__name__)
@@ -132,7 +133,7 @@ class CaptionGalleryCallback(pl.Callback):
     def __init__(self, filename: str = "gallery.html", max_items: int = 24):
         super().__init__()
         if max_items < 1:
-            raise ValueError(f"max_items must be >= 1, got {max_items}")
+            raise UserError(f"max_items must be >= 1, got {max_items}")
         self.filename = filename
         self.max_items = max_items
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import CSVLogger
 
+from captioner.errors import UserError
 from captioner.io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ def read_metrics(metrics_csv: str | os.PathLike) -> dict[str, tuple[list[int], l
     with open(metrics_csv, newline="") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames is None or "step" not in reader.fieldnames:
-            raise ValueError(f"{metrics_csv}: no 'step' column (header: {reader.fieldnames})")
+            raise UserError(f"{metrics_csv}: no 'step' column (header: {reader.fieldnames})")
         series: dict[str, tuple[list[int], list[float]]] = {
             name: ([], []) for name in reader.fieldnames if name not in ("step", "epoch")
         }
@@ -43,7 +44,7 @@ def read_metrics(metrics_csv: str | os.PathLike) -> dict[str, tuple[list[int], l
             try:
                 step = int(float(row["step"]))
             except ValueError:
-                raise ValueError(f"{metrics_csv}:{line}: step {row['step']!r} is not a number") from None
+                raise UserError(f"{metrics_csv}:{line}: step {row['step']!r} is not a number") from None
             for name, (steps, values) in series.items():
                 cell = row.get(name)
                 if not cell:
@@ -51,7 +52,7 @@ def read_metrics(metrics_csv: str | os.PathLike) -> dict[str, tuple[list[int], l
                 try:
                     value = float(cell)
                 except ValueError:
-                    raise ValueError(f"{metrics_csv}:{line}: {name} = {cell!r} is not a number") from None
+                    raise UserError(f"{metrics_csv}:{line}: {name} = {cell!r} is not a number") from None
                 if math.isfinite(value):
                     steps.append(step)
                     values.append(value)

@@ -35,6 +35,8 @@ from rich.progress import (
 from rich.table import Column
 from rich.text import Text
 
+from captioner.errors import UserError
+
 # What a step shows, in order: metric, format. dt is inserted after the gradient norm.
 STEP_FIELDS = (
     ("train/loss", "loss {:.4f}"),
@@ -105,9 +107,9 @@ class StepProgress(pl.Callback):
     def __init__(self, every_n_steps: int = 10, mode: str = "auto", window: int = 100):
         super().__init__()
         if every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+            raise UserError(f"every_n_steps must be >= 1, got {every_n_steps}")
         if mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+            raise UserError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         self.every_n_steps = every_n_steps
         self.mode = mode
         self._marks: deque[tuple[int, float]] = deque(maxlen=max(2, window))  # (step, train clock) per step

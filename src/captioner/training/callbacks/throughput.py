@@ -21,6 +21,8 @@ from collections.abc import Callable
 import lightning.pytorch as pl
 import torch
 
+from captioner.errors import UserError
+
 # Dense (no sparsity) peak FLOP/s per GPU from the vendors' data sheets: (bf16 tensor core, tf32 tensor core,
 # fp32). Matched on whole words of torch.cuda.get_device_name, first match wins, so the more specific names come
 # first ("L4" must not match "L40S").
@@ -108,7 +110,7 @@ class ThroughputCallback(pl.Callback):
     ):
         super().__init__()
         if log_every_n_steps < 1:
-            raise ValueError(f"log_every_n_steps must be >= 1, got {log_every_n_steps}")
+            raise UserError(f"log_every_n_steps must be >= 1, got {log_every_n_steps}")
         self.tokens_per_batch_fn = tokens_per_batch_fn or batch_tokens
         self.flops_per_batch_fn = flops_per_batch_fn
         self.peak_flops = peak_flops
