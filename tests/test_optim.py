@@ -5,7 +5,13 @@ import pytest
 import torch
 
 from captioner.models.captioner import GatedCrossAttention
-from captioner.optim import make_adamw, param_groups, warmup_cosine, warmup_cosine_schedule
+from captioner.optim import (
+    make_adamw,
+    param_groups,
+    warmup_cosine,
+    warmup_cosine_schedule,
+    weights_fingerprint,
+)
 
 
 def test_schedule_matches_build_nanogpt_get_lr():
@@ -64,3 +70,52 @@ def test_nothing_trainable_is_a_clear_error():
     model = torch.nn.Linear(2, 2).requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         param_groups(model, 0.1, 1e-3)
+
+
+def _mlp(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, 3))
+
+
+def test_fingerprint_sees_a_permutation_and_a_one_element_change():
+    model = _mlp()
+    before = weights_fingerprint(model)
+    with torch.no_grad():
+        w = model[0].weight
+        w.copy_(w.flatten()[torch.randperm(w.numel())].view_as(w))  # same sum and |sum|, other weights
+    permuted = weights_fingerprint(model)
+    with torch.no_grad():
+        model[2].bias[1] = torch.nextafter(model[2].bias[1], torch.tensor(math.inf))  # one ulp
+    nudged = weights_fingerprint(model)
+    assert len({before, permuted, nudged}) == 3
+
+
+def test_fingerprint_sees_values_swapped_between_tensors():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    before = weights_fingerprint(model)
+    with torch.no_grad():
+        a = model[0].weight.clone()
+        model[0].weight.copy_(model[1].weight)
+        model[1].weight.copy_(a)
+    assert weights_fingerprint(model) != before
+
+
+def test_fingerprint_of_equal_weights_is_equal_in_their_stored_dtype():
+    assert weights_fingerprint(_mlp(0)) == weights_fingerprint(_mlp(0)) != weights_fingerprint(_mlp(1))
+    # bf16 has no numpy dtype: the bytes are read as they are stored.
+    assert weights_fingerprint(_mlp(0).bfloat16()) == weights_fingerprint(_mlp(0).bfloat16())
+    assert weights_fingerprint(_mlp(0).bfloat16()) != weights_fingerprint(_mlp(0))
+
+
+def test_fingerprint_ignores_memory_layout():
+    model, copy = _mlp(), _mlp()
+    with torch.no_grad():
+        # A transposed view holds the same values in another layout, as a state_dict entry may.
+        copy[0].weight = torch.nn.Parameter(model[0].weight.t().contiguous().t())
+    assert not copy[0].weight.is_contiguous()
+    assert weights_fingerprint(copy) == weights_fingerprint(model)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fingerprint_ignores_the_device():
+    assert weights_fingerprint(_mlp().cuda()) == weights_fingerprint(_mlp())

@@ -18,12 +18,14 @@ def parameter_counts(module: nn.Module) -> dict[str, int]:
 
 
 def weights_fingerprint(module: nn.Module) -> str:
-    """A cheap digest of every weight (name, shape, sum, sum of |w|): tells apart models that share a name but not
-    their weights (a refreshed last.ckpt, a randomly initialised CLIP)."""
+    """A digest (SHA-256, 16 hex digits) of every state_dict entry's name, dtype, shape and bytes, in order: tells
+    apart models that share a name but not their weights (a refreshed last.ckpt, a randomly initialised CLIP),
+    whatever device they are on."""
     digest = hashlib.sha256()
-    for name, p in module.state_dict().items():
-        p = p.detach().double()
-        digest.update(f"{name}{tuple(p.shape)}{p.sum().item():.10e}{p.abs().sum().item():.10e}".encode())
+    for name, t in module.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()[:16]
 
 
