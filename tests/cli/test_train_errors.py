@@ -51,6 +51,14 @@ def test_user_errors_are_one_message_without_traceback(tmp_path, shapes_dir):  #
     gone = tmp_path / "old_world" / "vocab_ids.json"  # a world generated before vocab_ids.json existed
     args = ["experiment=demo_pretrain", f"paths.data_dir={shapes_dir}", f"model.gpt.vocab_ids={gone}", run]
     assert_clean_error(captioner_train(*args, cwd=tmp_path), f"{gone}", "captioner-prepare shapes")
+    for key, value, expected in [
+        ("trainer.max_steps", "ten", "trainer.max_steps='ten': expected int, got str"),
+        ("model.optim.lr", "fast", "model.optim.lr='fast': expected float, got str"),
+        ("data.micro_batch_size", "eight", "data.micro_batch_size='eight': expected int, got str"),
+        ("seed", "1.5", "seed=1.5: expected int, got float"),
+    ]:
+        args = ["experiment=demo_pretrain", f"paths.data_dir={shapes_dir}", f"{key}={value}", run]
+        assert_clean_error(captioner_train(*args, cwd=tmp_path), expected)
     if not torch.cuda.is_available():
         args = ["experiment=demo_pretrain", f"paths.data_dir={shapes_dir}", "trainer=fsdp", run]
         result = captioner_train(*args, cwd=tmp_path)
