@@ -1,4 +1,5 @@
-"""Token shards: validation, window streams (coverage, ranks, epochs, offsets, workers), resume, val slice."""
+"""Token shards: validation, window streams (coverage, ranks, epochs, offsets, workers), resume, val slice; the
+streams, resume and val slice on `.npy` and llm.c `.bin` shards alike."""
 
 import itertools
 from types import SimpleNamespace
@@ -11,6 +12,7 @@ import torch
 from captioner.data.shards import list_shards, load_shard, shard_path, write_shard
 from captioner.data.token_shards import TokenShardDataModule, TrainWindowStream
 from captioner.errors import UserError
+from tests.data.test_llmc_shards import write_llmc_shard
 
 T, B = 16, 2
 VAL_LEN = 1500
@@ -18,14 +20,20 @@ TRAIN_LENS = [16 * 125 + 1, 16 * 190 + 9, 16 * 281 + 1]  # 125 + 190 + 281 = 596
 N_WINDOWS = 596
 
 
-@pytest.fixture
-def data_dir(tmp_path):
-    """Shards whose token at global position p is p, so a window is identified by its first token."""
+@pytest.fixture(params=["npy", "bin"])
+def data_dir(tmp_path, request):
+    """Shards whose token at global position p is p, so a window is identified by its first token; every test
+    that takes them runs on our `.npy` shards and on llm.c's `.bin` ones."""
     start = 0
     for i, n in enumerate([VAL_LEN, *TRAIN_LENS]):
-        write_shard(
-            shard_path(tmp_path, "tiny", "val" if i == 0 else "train", i), np.arange(start, start + n)
+        path, tokens = (
+            shard_path(tmp_path, "tiny", "val" if i == 0 else "train", i),
+            np.arange(start, start + n),
         )
+        if request.param == "npy":
+            write_shard(path, tokens)
+        else:
+            write_llmc_shard(path.with_suffix(".bin"), tokens)
         start += n
     return tmp_path
 

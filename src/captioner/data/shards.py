@@ -1,5 +1,6 @@
-"""The uint16 token shard format (build-nanogpt's): `<prefix>_{val,train}_NNNNNN.npy`, each document EOT-prefixed;
-the first shard (index 0) is "val", the rest "train".
+"""Token shards: our uint16 `.npy` format (build-nanogpt's), `<prefix>_{val,train}_NNNNNN.npy`, each document
+EOT-prefixed; the first shard (index 0) is "val", the rest "train". llm.c's `.bin` shards are read too
+(`llmc_shards.py`): `load_shard` recognises each file's format by its content.
 
 Writing (`shard_path`, `write_shard`) and reading (`list_shards`, `load_shard`) with numpy alone: the data
 preparation tools import this without torch or Lightning (whose import takes longer than tokenising a small
@@ -14,10 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
+from captioner.data import llmc_shards
 from captioner.errors import UserError
 from captioner.io import save_npy
 
 MAX_TOKEN = 2**16 - 1
+NPY_MAGIC = np.lib.format.MAGIC_PREFIX
 DEFAULT_PREPARE_HINT = "captioner-prepare fineweb"
 
 
@@ -41,22 +44,43 @@ def write_shard(path: str | Path, tokens) -> None:
 
 
 def list_shards(data_dir: str | Path, split: str, prepare_hint: str = DEFAULT_PREPARE_HINT) -> list[Path]:
-    """The `*_{split}_NNNNNN.npy` files in `data_dir`, sorted by name (so by index for one prefix)."""
+    """The `*_{split}_NNNNNN.npy` (or llm.c's `.bin`) files in `data_dir`, sorted by name (so by index for one
+    prefix). Both formats for one split are refused: most likely the same tokens converted, read twice."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise UserError(f"token shard directory {data_dir} does not exist; create it with `{prepare_hint}`")
-    name = re.compile(rf".+_{re.escape(split)}_\d+\.npy")
-    paths = sorted(p for p in data_dir.glob(f"*_{split}_*.npy") if name.fullmatch(p.name))
+    name = re.compile(rf".+_{re.escape(split)}_\d+\.(npy|bin)")
+    paths = sorted(p for p in data_dir.glob(f"*_{split}_*") if name.fullmatch(p.name))
     if not paths:
         raise UserError(
-            f"no {split} shards (*_{split}_NNNNNN.npy) in {data_dir}; create them with `{prepare_hint}`"
+            f"no {split} shards (*_{split}_NNNNNN.npy or llm.c's .bin) in {data_dir}; create them with "
+            f"`{prepare_hint}`"
+        )
+    by_format = {suffix: [p.name for p in paths if p.suffix == suffix] for suffix in (".npy", ".bin")}
+    if all(by_format.values()):
+        found = ", ".join(f"{len(names)} {suffix} ({names[0]}, …)" for suffix, names in by_format.items())
+        raise UserError(
+            f"{data_dir}: {split} shards in two formats, {found}; keep one format per split (move the others "
+            "out) so no tokens are read twice"
         )
     return paths
 
 
 def load_shard(path: str | Path) -> np.ndarray:
-    """Memory-map one shard, shape (n,) uint16, after checking its header and size (ValueError naming the file)."""
+    """Memory-map one shard, ours or llm.c's (recognised by content; a `.bin` that is neither is checked as
+    llm.c's), shape (n,) uint16, after checking its header and size (UserError naming the file)."""
     path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(NPY_MAGIC))
+    except OSError as err:
+        raise UserError(f"{path}: not a readable token shard ({err})") from err
+    if llmc_shards.recognises(head) or (path.suffix == ".bin" and not head.startswith(NPY_MAGIC)):
+        return llmc_shards.load(path)
+    return _load_npy(path)
+
+
+def _load_npy(path: Path) -> np.ndarray:
     fmt = np.lib.format
     try:
         with open(path, "rb") as f:

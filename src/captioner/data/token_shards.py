@@ -1,4 +1,5 @@
-"""The stage-1 DataModule over uint16 token shards (the format, its writers and readers: `data/shards.py`).
+"""The stage-1 DataModule over uint16 token shards, ours (`.npy`) or llm.c's (`.bin`): the formats are
+`data/shards.py` and `data/llmc_shards.py`; batches, their order and resume do not depend on which.
 
 A shard of n tokens holds (n - 1) // T windows of T + 1 tokens at stride T, as in build-nanogpt: window j is
 tokens[j*T : j*T + T + 1], giving x = w[:-1] and y = w[1:]. Windows never cross a shard boundary, so every read
@@ -164,7 +165,7 @@ class ValWindows(Dataset):
 
 
 class TokenShardDataModule(L.LightningDataModule):
-    """Stage-1 data: token shards in `data_dir` → (x, y) int64 micro-batches of shape (B, T).
+    """Stage-1 data: token shards in `data_dir` (`.npy` or llm.c's `.bin`) → (x, y) int64 micro-batches (B, T).
 
     Training is an infinite stream (see `TrainWindowStream`): configure the Trainer with `max_steps`, an integer
     `val_check_interval`, `check_val_every_n_epoch=None` and `use_distributed_sampler=False` (ranks are split
