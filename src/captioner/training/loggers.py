@@ -12,43 +12,62 @@ import csv
 import netrc
 import os
 import secrets
+import warnings
 from pathlib import Path
 
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 from captioner.io import atomic_path, save_text
 
 
-class _KeepingWriter(ExperimentWriter):
-    def _check_log_dir_exists(self) -> None:
-        if os.path.isfile(self.metrics_file_path):
-            with open(self.metrics_file_path, newline="") as f:
-                self.metrics_keys = sorted(csv.DictReader(f).fieldnames or [])
-
-
 class ResumableCSVLogger(CSVLogger):
-    """`CSVLogger` that appends to an existing metrics.csv instead of deleting it."""
+    """`CSVLogger` that continues an existing metrics.csv instead of deleting it: the rows are read before
+    Lightning's writer starts and logged again through it, so old and new rows share one header."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._writer: ExperimentWriter | None = None
 
     @property
+    def metrics_path(self) -> str:
+        return os.path.join(self.log_dir, ExperimentWriter.NAME_METRICS_FILE)
+
+    @property
+    @rank_zero_experiment
     def experiment(self) -> ExperimentWriter:
-        if self._experiment is None:
-            os.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _KeepingWriter(log_dir=self.log_dir)
-        return self._experiment
+        if self._writer is None:
+            _, rows = read_metrics_file(self.metrics_path)
+            if rows:
+                os.remove(self.metrics_path)  # the writer starts on no file; `rows` are written again below
+            with warnings.catch_warnings():
+                # it warns that earlier files "will be deleted": not by this logger
+                warnings.filterwarnings("ignore", message="Experiment logs directory .* is not empty")
+                self._writer = super().experiment
+            for row in rows:
+                self._writer.log_metrics(row, int(row["step"]))
+            self._writer.save()
+        return self._writer
 
     def truncate_from(self, step: int) -> None:
         """Drop rows with step >= `step` (logged after the checkpoint a run resumes from)."""
-        path = os.path.join(self.log_dir, ExperimentWriter.NAME_METRICS_FILE)
-        if not os.path.isfile(path):
+        fields, rows = read_metrics_file(self.metrics_path)
+        if not fields:
             return
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            fields, rows = reader.fieldnames or [], [r for r in reader if int(r["step"]) < step]
-        with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        with atomic_path(self.metrics_path) as tmp, open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=fields)
             writer.writeheader()
-            writer.writerows(rows)
+            writer.writerows(r for r in rows if int(r["step"]) < step)
+
+
+def read_metrics_file(path: str) -> tuple[list[str], list[dict[str, str]]]:
+    """A metrics.csv's header and rows, as the text it holds (empty cells are ""); nothing if there is none."""
+    if not os.path.isfile(path):
+        return [], []
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        return list(reader.fieldnames or []), list(reader)
 
 
 def truncate_metrics_after(loggers: list, step: int) -> None:
