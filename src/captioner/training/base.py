@@ -117,7 +117,8 @@ class TrainingModule(L.LightningModule):
         """One micro-batch's loss, and its `tokens` (input positions) for the tokens-seen axis."""
         self._loss_sum = self._loss_sum + loss.detach()
         self._loss_count += 1
-        self._tokens_seen += tokens * (self.trainer.world_size if self._trainer is not None else 1)
+        trainer = self._attached_trainer()
+        self._tokens_seen += tokens * (trainer.world_size if trainer is not None else 1)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         self._step_loss = None
@@ -130,11 +131,12 @@ class TrainingModule(L.LightningModule):
 
     def _mean_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
         # Not `self.log(sync_dist=True)`: Lightning puts a barrier before its all-reduce, a host sync every step.
-        if self._trainer is None or self.trainer.world_size == 1 or not dist.is_initialized():
+        trainer = self._attached_trainer()
+        if trainer is None or trainer.world_size == 1 or not dist.is_initialized():
             return value
         value = value.detach().clone()
         dist.all_reduce(value)  # SUM: AVG is NCCL-only
-        return value / self.trainer.world_size
+        return value / trainer.world_size
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         # Log the total norm before clipping, as build-nanogpt prints it; clip only when configured.
@@ -195,7 +197,8 @@ class TrainingModule(L.LightningModule):
 
     def _diverged_message(self) -> str:
         step = self._verdict_step  # the last skipped optimizer step
-        callbacks = self.trainer.checkpoint_callbacks if self._trainer is not None else []
+        trainer = self._attached_trainer()
+        callbacks = trainer.checkpoint_callbacks if trainer is not None else []
         last = next((cb.last_model_path for cb in callbacks if cb.last_model_path), None)
         return (
             f"step {step}: the loss or gradient norm was not finite for {self._skipped_in_a_row} optimizer steps in "
@@ -209,8 +212,15 @@ class TrainingModule(L.LightningModule):
             logger.log_hyperparams({f"params/{k}": v for k, v in counts.items()})
 
     # --- evaluation outside *_step hooks (HellaSwag, sampling, captioning) --------------------------------------
+    def _attached_trainer(self) -> L.Trainer | None:
+        """The Trainer running this module, or None (a hook called without one, as unit tests do)."""
+        try:
+            return self.trainer
+        except RuntimeError:  # Lightning's "is not attached to a `Trainer`"
+            return None
+
     def _is_fsdp(self) -> bool:
-        return self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy)
+        return isinstance(getattr(self._attached_trainer(), "strategy", None), FSDPStrategy)
 
     @contextlib.contextmanager
     def eval_context(self):
@@ -218,7 +228,7 @@ class TrainingModule(L.LightningModule):
         autocast (bf16-mixed) and, under FSDP, the full (unsharded) parameters."""
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch.no_grad())
-            if self._trainer is not None:
+            if self._attached_trainer() is not None:
                 stack.enter_context(self.trainer.precision_plugin.forward_context())
                 if self._is_fsdp():
                     stack.enter_context(
