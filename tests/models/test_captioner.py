@@ -1,11 +1,12 @@
-"""Captioner model: zero-gate equality with the LM, gates, freeze policy, CLIP frozen behaviour, features path."""
+"""Captioner model: zero-gate equality with the LM, gates, freeze policy, CLIP frozen behaviour, features path,
+caption_batch (the one tensors → text path) and its device and precision handling."""
 
 import dataclasses
 
 import pytest
 import torch
 
-from captioner.models.captioner import Captioner, build_captioner, load_captioner
+from captioner.models.captioner import Captioner, build_captioner, caption_batch, load_captioner
 from captioner.models.cross_attention import GatedCrossAttention
 from captioner.models.gpt import GPT, GPTConfig
 from captioner.models.vision import VisionEncoder
@@ -153,6 +154,44 @@ def test_features_path_equals_pixel_path():
     assert from_fp16.dtype == torch.float32
     with pytest.raises(ValueError, match="exactly one of pixel_values or features"):
         model.vision(pixel_values=pixels, features=features)
+
+
+def test_caption_batch_captions_pixels_and_features_as_the_captioner_does():
+    torch.manual_seed(0)
+    model = make_captioner().eval()
+    open_gates(model)
+    pixels = torch.randn(3, 3, 64, 64)
+    settings = {"method": "beam", "num_beams": 2, "max_new_tokens": 6}
+    expected = model.caption(pixels, **settings)
+    assert caption_batch(model, pixels, **settings) == expected
+    assert caption_batch(model, features=model.vision.encode(pixels), **settings) == expected
+    assert caption_batch(model, pixels, autocast=False, **settings) == expected
+
+
+def record_autocast(monkeypatch) -> list[tuple[bool, torch.dtype]]:
+    """(CUDA autocast on?, its dtype) as each Captioner.caption call sees them."""
+    seen, real = [], Captioner.caption
+
+    def caption(self, *args, **kwargs):
+        seen.append((torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Captioner, "caption", caption)
+    return seen
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_caption_batch_moves_images_to_the_model_and_runs_it_in_bf16_or_in_the_callers_precision(monkeypatch):
+    torch.manual_seed(0)
+    model = make_captioner().eval().cuda()
+    seen = record_autocast(monkeypatch)
+    pixels = torch.randn(2, 3, 64, 64)  # on the CPU: caption_batch moves them
+    captions = caption_batch(model, pixels, max_new_tokens=4)
+    with torch.autocast("cuda", dtype=torch.float16):  # Lightning's 16-mixed, say: kept, not switched off
+        caption_batch(model, pixels.cuda(), autocast=False, max_new_tokens=4)
+    caption_batch(model, pixels, autocast=False, max_new_tokens=4)
+    assert len(captions) == 2
+    assert seen == [(True, torch.bfloat16), (True, torch.float16), (False, seen[2][1])]
 
 
 def test_vision_encoder_loads_a_local_clip_dir(tmp_path):

@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from captioner.data.captions import CaptionCollate
 from captioner.errors import UserError
@@ -40,3 +41,28 @@ def test_a_batch_of_only_unreadable_images_gives_a_zero_loss_touching_every_trai
     loss.backward()
     trainable = [p for p in module.model.parameters() if p.requires_grad]
     assert trainable and all(p.grad is not None and not p.grad.any() for p in trainable)
+
+
+def test_validation_captions_the_generation_images_with_the_configured_settings():
+    torch.manual_seed(0)
+    generation = {"method": "greedy", "max_new_tokens": 5}  # not the default: beam search
+    module = CaptionModule(
+        lm={"config": "tiny"},
+        vision={"clip": None, "clip_config": TINY_CLIP},
+        cross_every=1,
+        generation=generation,
+    ).eval()
+    with torch.no_grad():  # fresh gates are closed: open them so that each image gets its own caption
+        for p in module.model.parameters():
+            p.add_(torch.randn_like(p))
+    pixels = torch.randn(3, 3, 64, 64)
+    batch = {"pixel_values": pixels, "image_ids": torch.tensor([5, 7, 9]), "paths": ["a", "b", "c"]}
+    batch["references"] = [["r5"], ["r7"], ["r9"]]
+    module.on_validation_epoch_start()
+    module.validation_step(batch, 0, dataloader_idx=1)
+    expected = module.model.caption(pixels, **generation)
+    assert len(set(expected)) > 1, expected
+    assert module._generated == [
+        {"image_id": i, "path": path, "caption": caption, "references": [f"r{i}"]}
+        for i, path, caption in zip([5, 7, 9], "abc", expected, strict=True)
+    ]

@@ -12,7 +12,6 @@ Shapes: B images, N image tokens, D CLIP width, S image side.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -33,7 +32,13 @@ from captioner.data.image_source import ImageSource
 from captioner.errors import UserError
 from captioner.eval.caption_metrics import resolve_backend, score_captions, tokenize_java
 from captioner.io import save_json, save_text
-from captioner.models.captioner import Captioner, generation_settings, load_captioner, resolve_device
+from captioner.models.captioner import (
+    Captioner,
+    caption_batch,
+    generation_settings,
+    load_captioner,
+    resolve_device,
+)
 from captioner.optim import weights_fingerprint
 
 log = logging.getLogger(__name__)
@@ -173,27 +178,24 @@ def caption_images(
     progress_file,
     *,
     batch_size: int,
-    device: torch.device,
     num_workers: int = 0,
     total: int | None = None,
 ) -> tuple[dict[int, str], int]:
-    """Caption the images at `positions` in batches, appending each batch's captions to `progress_file` (an open
-    text file) as JSON lines. Returns ({image_id: caption}, number of unreadable images skipped)."""
+    """Caption the images at `positions` in batches on the model's device, appending each batch's captions to
+    `progress_file` (an open text file) as JSON lines. Returns ({image_id: caption}, number of unreadable images
+    skipped)."""
     dataset = _SplitImages(index, positions, features, model.vision.image_size)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
         collate_fn=_collate,
         num_workers=num_workers,
-        pin_memory=device.type == "cuda",
+        pin_memory=next(model.parameters()).is_cuda,
     )
     key, source = ("pixel_values", "pixels") if features is None else ("features", "features")
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    )
     captions, skipped = {}, 0
     total = len(positions) if total is None else total
-    with _progress_bar() as bar, torch.inference_mode():
+    with _progress_bar() as bar:
         task = bar.add_task(
             f"{index.image_dir.name} ({source})", total=total, completed=total - len(positions)
         )
@@ -202,8 +204,7 @@ def caption_images(
                 log.warning("skipping unreadable image %s", index.image_path(i))
             skipped += len(bad)
             if good:
-                with autocast:
-                    texts = model.caption(**{key: images.to(device, non_blocking=True)}, **generation)
+                texts = caption_batch(model, **{key: images}, **generation)
                 batch = {index.image_ids[i]: text for i, text in zip(good, texts, strict=True)}
                 progress_file.write(
                     "".join(json.dumps({"image_id": k, "caption": v}) + "\n" for k, v in batch.items())
@@ -316,7 +317,6 @@ def evaluate_split(
             generation,
             progress_file,
             batch_size=batch_size,
-            device=device,
             num_workers=num_workers,
             total=len(referenced),
         )

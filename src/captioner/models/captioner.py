@@ -6,6 +6,7 @@ Shapes: B batch, T caption length, C n_embd, N image tokens, D CLIP width.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -153,6 +154,33 @@ class Captioner(nn.Module):
     ) -> list[str]:
         """Caption text per image; `generation` as in `generate`."""
         return [decode(ids) for ids in self.generate(pixel_values, features, **generation)]
+
+
+def caption_batch(
+    model: Captioner,
+    pixel_values: torch.Tensor | None = None,
+    features: torch.Tensor | None = None,
+    *,
+    autocast: bool = True,
+    **generation,
+) -> list[str]:
+    """Caption text per image of one batch, pixels (B, 3, S, S) or cached CLIP features (B, N, D), run where the
+    model is: the one captioning path of the API, CLI, server, whole-split evaluation and training's validation.
+    `generation`: `Captioner.generate` keywords (see `generation_settings`).
+
+    The images move to the model's device. There, on a GPU with bf16, the model runs under bf16 autocast, as
+    training validates; autocast=False leaves precision to the caller's context (training's validation runs
+    under Lightning's precision plugin).
+    """
+    device = next(model.parameters()).device
+    # from pinned memory (the evaluator's DataLoader pins its batches) the copy is queued, the host goes on
+    move = dict(device=device, non_blocking=device.type == "cuda")
+    pixel_values = None if pixel_values is None else pixel_values.to(**move)
+    features = None if features is None else features.to(**move)
+    bf16 = autocast and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    # nullcontext, not autocast(enabled=False), which would switch off the caller's autocast
+    with torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+        return model.caption(pixel_values=pixel_values, features=features, **generation)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import torch
 
 from captioner.models.captioner import (
     build_captioner,
+    caption_batch,
     generation_settings,
     load_pretrained_weights,
     resolve_lm,
@@ -201,8 +202,8 @@ class CaptionModule(TrainingModule):
     def _generate(self, batch) -> None:
         key = "features" if "features" in batch else "pixel_values"
         generation = generation_settings(self.hparams.generation)
-        with self.eval_context():
-            captions = self.model.caption(**{key: batch[key]}, **generation)
+        with self.eval_context():  # Lightning's precision, not caption_batch's own autocast
+            captions = caption_batch(self.model, **{key: batch[key]}, autocast=False, **generation)
         for i, caption in enumerate(captions):
             image_id = int(batch["image_ids"][i])
             self._generated.append(
