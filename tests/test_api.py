@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 import captioner
-from captioner.api import CaptionModel
+from captioner.api import CaptionPipeline
 from captioner.models.captioner import Captioner, build_captioner, save_captioner
 from captioner.models.gpt import GPTConfig
 from captioner.models.vision import ClipPreprocess, UnreadableImage, open_image
@@ -76,7 +76,7 @@ def ckpt(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def model(ckpt) -> CaptionModel:
+def pipeline(ckpt) -> CaptionPipeline:
     return captioner.load(ckpt, device="cpu")
 
 
@@ -102,62 +102,62 @@ def test_load_is_lazy_and_light():
         captioner.lod  # noqa: B018
 
 
-def test_the_api_captions_as_the_captioner_does_with_the_saved_settings(model, images):
-    assert model.generation == GENERATION and model.device == torch.device("cpu")
-    assert not model.model.training
+def test_the_api_captions_as_the_captioner_does_with_the_saved_settings(pipeline, images):
+    assert pipeline.generation == GENERATION and pipeline.device == torch.device("cpu")
+    assert not pipeline.model.training
     expected = direct_captions(images, **GENERATION)
     assert len(set(expected)) > 1 and all(expected), expected  # the images are told apart
-    assert model.caption(images) == expected
-    info = model.info()
+    assert pipeline.caption(images) == expected
+    info = pipeline.info()
     assert info["image_size"] == 64 and info["parameters"] > 0 and info["generation"] == GENERATION
 
 
-def test_an_exported_directory_loads_like_its_checkpoint(model, images, tmp_path):
+def test_an_exported_directory_loads_like_its_checkpoint(pipeline, images, tmp_path):
     saved, hparams = tiny_captioner()
     save_captioner(saved, hparams, tmp_path)
     exported = captioner.load(tmp_path, device="cpu")
     assert exported.generation == GENERATION and exported.source == str(tmp_path)
-    assert exported.caption(images, beams=2) == model.caption(images, beams=2)
+    assert exported.caption(images, beams=2) == pipeline.caption(images, beams=2)
 
 
-def test_paths_pil_images_and_mixes_give_the_same_captions(model, images, tmp_path):
+def test_paths_pil_images_and_mixes_give_the_same_captions(pipeline, images, tmp_path):
     paths = []
     for i, image in enumerate(images):
         paths.append(tmp_path / f"{i}.png")
         image.save(paths[-1])
-    expected = model.caption(images)
-    assert model.caption(paths) == expected
-    assert model.caption([str(p) for p in paths]) == expected
-    assert model.caption([paths[0], images[1], str(paths[2]), images[3]]) == expected
-    assert model.caption(paths[1]) == expected[1:2]  # one image needs no list
-    assert model.caption(io.BytesIO(image_bytes(images[2]))) == expected[2:3]  # nor does a binary file
-    assert model.caption(images, batch_size=3) == expected  # batches of 3 + 1
-    assert model.caption([]) == []
+    expected = pipeline.caption(images)
+    assert pipeline.caption(paths) == expected
+    assert pipeline.caption([str(p) for p in paths]) == expected
+    assert pipeline.caption([paths[0], images[1], str(paths[2]), images[3]]) == expected
+    assert pipeline.caption(paths[1]) == expected[1:2]  # one image needs no list
+    assert pipeline.caption(io.BytesIO(image_bytes(images[2]))) == expected[2:3]  # nor does a binary file
+    assert pipeline.caption(images, batch_size=3) == expected  # batches of 3 + 1
+    assert pipeline.caption([]) == []
 
 
-def test_beams_and_generation_keywords_override_the_saved_settings(model, images):
+def test_beams_and_generation_keywords_override_the_saved_settings(pipeline, images):
     beam3 = direct_captions(images, method="beam", num_beams=3, max_new_tokens=8)
-    assert model.caption(images, beams=3) == beam3
-    assert model.caption(images, beams=1) == direct_captions(images, **GENERATION)
-    short = model.caption(images, max_new_tokens=2)
+    assert pipeline.caption(images, beams=3) == beam3
+    assert pipeline.caption(images, beams=1) == direct_captions(images, **GENERATION)
+    short = pipeline.caption(images, max_new_tokens=2)
     assert short == direct_captions(images, method="greedy", max_new_tokens=2)
-    assert model.settings(beams=4) == {"method": "beam", "max_new_tokens": 8, "num_beams": 4}
-    assert model.generation == GENERATION  # overrides are per call
+    assert pipeline.settings(beams=4) == {"method": "beam", "max_new_tokens": 8, "num_beams": 4}
+    assert pipeline.generation == GENERATION  # overrides are per call
     for bad in (0, -1, 2.5, "3", True):
         with pytest.raises(ValueError, match="beams must be a whole number"):
-            model.caption(images, beams=bad)
+            pipeline.caption(images, beams=bad)
 
 
 def test_a_checkpoint_without_a_method_decodes_with_beam_search_as_training_did(ckpt, images):
     model, _ = tiny_captioner()
-    api = CaptionModel(model, {"max_new_tokens": 8, "num_beams": 2}, device="cpu")
-    assert api.settings() == {"method": "beam", "max_new_tokens": 8, "num_beams": 2}
-    assert api.caption(images[:2]) == direct_captions(
+    pipeline = CaptionPipeline(model, {"max_new_tokens": 8, "num_beams": 2}, device="cpu")
+    assert pipeline.settings() == {"method": "beam", "max_new_tokens": 8, "num_beams": 2}
+    assert pipeline.caption(images[:2]) == direct_captions(
         images[:2], method="beam", num_beams=2, max_new_tokens=8
     )
 
 
-def test_unreadable_images_raise_a_value_error_naming_the_image(model, images, tmp_path):
+def test_unreadable_images_raise_a_value_error_naming_the_image(pipeline, images, tmp_path):
     (tmp_path / "notes.jpg").write_text("not an image")
     (tmp_path / "cut.png").write_bytes(image_bytes(images[3])[:2000])
     (tmp_path / "good.png").write_bytes(image_bytes(images[0]))
@@ -168,7 +168,7 @@ def test_unreadable_images_raise_a_value_error_naming_the_image(model, images, t
     }
     for path, message in cases.items():
         with pytest.raises(ValueError, match=f"{path.name}: {message}"):
-            model.caption([tmp_path / "good.png", path])
+            pipeline.caption([tmp_path / "good.png", path])
 
 
 def test_open_image_says_why(images):
@@ -186,9 +186,22 @@ def test_open_image_says_why(images):
         assert caught.value.reason == reason and str(caught.value).startswith("upload: ")
 
 
+def test_iter_captions_yields_positions_and_hands_unreadable_images_to_its_callback(
+    pipeline, images, tmp_path
+):
+    (tmp_path / "cut.png").write_bytes(image_bytes(images[3])[:2000])
+    inputs = [images[0], tmp_path / "cut.png", images[1], images[2]]
+    skipped = []
+    captioned = list(pipeline.iter_captions(inputs, batch_size=2, on_unreadable=skipped.append))
+    assert captioned == list(zip([0, 2, 3], pipeline.caption(images[:3]), strict=True))
+    assert [(err.name, err.reason) for err in skipped] == [(str(tmp_path / "cut.png"), "truncated")]
+    with pytest.raises(UnreadableImage, match=r"cut\.png"):
+        list(pipeline.iter_captions(inputs))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_on_a_gpu_the_default_device_is_cuda_with_bf16_autocast(ckpt, images):
-    model = captioner.load(ckpt)
-    assert model.device.type == "cuda" and model.autocast == torch.cuda.is_bf16_supported()
-    captions = model.caption(images, beams=3)
+def test_on_a_gpu_the_default_device_is_cuda(ckpt, images):
+    pipeline = captioner.load(ckpt)
+    assert pipeline.device.type == "cuda" and next(pipeline.model.parameters()).is_cuda
+    captions = pipeline.caption(images, beams=3)
     assert len(captions) == len(images) and all(isinstance(c, str) for c in captions)

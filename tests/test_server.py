@@ -39,7 +39,7 @@ def ckpt(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def model(ckpt):
+def pipeline(ckpt):
     return captioner.load(ckpt, device="cpu")
 
 
@@ -61,8 +61,8 @@ def serving(app):
 
 
 @pytest.fixture(scope="module")
-def url(model):
-    with serving(create_app(model, max_batch=8, max_upload_bytes=MAX_UPLOAD)) as url:
+def url(pipeline):
+    with serving(create_app(pipeline, max_batch=8, max_upload_bytes=MAX_UPLOAD)) as url:
         yield url
 
 
@@ -100,13 +100,13 @@ def test_the_page_and_health(client, ckpt):
     assert health["max_queue"] == 64 and health["queued"] == 0
 
 
-def test_a_caption_is_what_the_api_says(client, model):
+def test_a_caption_is_what_the_api_says(client, pipeline):
     jpeg = image_bytes(noise_image(1), "JPEG")
     for data, name, beams in ((PNG, "a.png", None), (jpeg, "b.jpg", None), (PNG, "a.png", 3), (jpeg, "b", 1)):
         fields = {} if beams is None else {"beams": str(beams)}
         response = client.post("/caption", files=upload(data, name), data=fields)
         assert response.status_code == 200, response.text
-        assert response.json() == {"caption": model.caption(decoded(data), beams=beams)[0]}
+        assert response.json() == {"caption": pipeline.caption(decoded(data), beams=beams)[0]}
 
 
 async def post_all(url: str, jobs: list[tuple[bytes, int | None]]) -> list[httpx.Response]:
@@ -121,13 +121,13 @@ async def post_all(url: str, jobs: list[tuple[bytes, int | None]]) -> list[httpx
         )
 
 
-def test_concurrent_requests_are_batched_and_grouped_by_beams(client, url, model):
+def test_concurrent_requests_are_batched_and_grouped_by_beams(client, url, pipeline):
     images = [image_bytes(noise_image(seed)) for seed in range(8)]
     before = served(client)
     responses = asyncio.run(post_all(url, [(data, None) for data in images]))
     after = served(client)
     assert [r.status_code for r in responses] == [200] * 8
-    assert [r.json()["caption"] for r in responses] == [model.caption(decoded(d))[0] for d in images]
+    assert [r.json()["caption"] for r in responses] == [pipeline.caption(decoded(d))[0] for d in images]
     assert after["requests"] - before["requests"] == 8
     batches = after["batches"] - before["batches"]
     assert batches < 8 and after["largest_batch"] > 1, f"8 concurrent requests took {batches} model calls"
@@ -135,7 +135,7 @@ def test_concurrent_requests_are_batched_and_grouped_by_beams(client, url, model
     mixed = [(data, 1 + i % 2) for i, data in enumerate(images)]  # greedy and 2 beams, interleaved
     responses = asyncio.run(post_all(url, mixed))
     assert [r.json()["caption"] for r in responses] == [
-        model.caption(decoded(d), beams=b)[0] for d, b in mixed
+        pipeline.caption(decoded(d), beams=b)[0] for d, b in mixed
     ]
     assert served(client)["batches"] - after["batches"] >= 2  # a batch decodes with one beam count
 
@@ -191,26 +191,26 @@ def test_a_bad_upload_gets_a_4xx_json_message_and_the_server_keeps_serving(clien
     assert good.status_code == 200 and "caption" in good.json()
 
 
-class GatedModel:
-    """The real model, but each model call waits for `gate`: the server's queue fills while one call runs."""
+class GatedPipeline:
+    """The real pipeline, each model call held until `gate` opens: the server's queue fills while one runs."""
 
-    def __init__(self, model):
-        self.model, self.gate, self.calls = model, threading.Event(), threading.Semaphore(0)
+    def __init__(self, pipeline):
+        self.pipeline, self.gate, self.calls = pipeline, threading.Event(), threading.Semaphore(0)
 
     def info(self):
-        return self.model.info()
+        return self.pipeline.info()
 
     def preprocess(self, *args):
-        return self.model.preprocess(*args)
+        return self.pipeline.preprocess(*args)
 
     def caption_pixels(self, pixels, beams):
         self.calls.release()
         assert self.gate.wait(timeout=60)
-        return self.model.caption_pixels(pixels, beams)
+        return self.pipeline.caption_pixels(pixels, beams)
 
 
-def test_a_full_queue_refuses_with_503_and_retry_after_then_serves_again(model):
-    gated = GatedModel(model)
+def test_a_full_queue_refuses_with_503_and_retry_after_then_serves_again(pipeline):
+    gated = GatedPipeline(pipeline)
     images = [image_bytes(noise_image(seed)) for seed in range(4)]
     with serving(create_app(gated, max_batch=1, max_upload_bytes=MAX_UPLOAD, max_queue=2)) as url:
 
@@ -232,8 +232,8 @@ def test_a_full_queue_refuses_with_503_and_retry_after_then_serves_again(model):
         refused, done, retried, health = asyncio.run(scenario())
     assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
     assert "server busy: 2 requests are already waiting" in refused.json()["error"]
-    assert [r.json()["caption"] for r in done] == [model.caption(decoded(d))[0] for d in images[:3]]
-    assert retried.status_code == 200 and retried.json()["caption"] == model.caption(decoded(images[3]))[0]
+    assert [r.json()["caption"] for r in done] == [pipeline.caption(decoded(d))[0] for d in images[:3]]
+    assert retried.status_code == 200 and retried.json()["caption"] == pipeline.caption(decoded(images[3]))[0]
     assert health["served"]["refused_busy"] == 1 and health["max_queue"] == 2 and health["queued"] == 0
 
 

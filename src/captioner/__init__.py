@@ -1,4 +1,4 @@
-"""captioner: GPT-2 that reads images. `captioner.load(PATH)` gives a CaptionModel (see `captioner.api`).
+"""captioner: GPT-2 that reads images. `captioner.load(PATH)` gives a CaptionPipeline (see `captioner.api`).
 
 `load` is imported on first use, so that `import captioner.tokenizer` (and every other light module) does not
 pay for torch, transformers and the models.
@@ -9,9 +9,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from captioner.api import CaptionModel, load
+    from captioner.api import CaptionPipeline, load
 
-__all__ = ["CaptionModel", "load"]
+__all__ = ["CaptionPipeline", "load"]
 
 
 def __getattr__(name: str):

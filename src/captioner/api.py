@@ -1,24 +1,31 @@
 """Captioning with a trained model from Python: `captioner.load(PATH).caption(images_or_paths)`.
 
     import captioner
-    model = captioner.load("outputs/caption_coco2017/…/checkpoints/last.ckpt")  # or an exported directory
-    model.caption(["cat.jpg", PIL.Image.open("dog.png")], beams=5)               # -> ["a cat on a sofa", …]
+    pipeline = captioner.load("outputs/caption_coco2017/…/checkpoints/last.ckpt")  # or an exported directory
+    pipeline.caption(["cat.jpg", PIL.Image.open("dog.png")], beams=5)               # -> ["a cat on a sofa", …]
 
-The command line (`captioner-caption`) and the web server (`captioner-serve`) are built on this module.
+The command line (`captioner-caption`) and the web server (`captioner-serve`) are built on this module; the
+tensors → text step below it (`models.captioner.caption_batch`) is the one evaluation and training call too.
 """
 
 from __future__ import annotations
 
 import io
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import IO
 
 import torch
 from PIL import Image
 
-from captioner.models.captioner import Captioner, generation_settings, load_captioner, resolve_device
-from captioner.models.vision import ClipPreprocess, open_image
+from captioner.models.captioner import (
+    Captioner,
+    caption_batch,
+    generation_settings,
+    load_captioner,
+    resolve_device,
+)
+from captioner.models.vision import ClipPreprocess, UnreadableImage, open_image
 
 ImageLike = Image.Image | str | os.PathLike | IO[bytes]
 
@@ -32,12 +39,13 @@ def describe(image: ImageLike, index: int) -> str:
     return str(getattr(image, "name", f"image {index} (file object)"))
 
 
-class CaptionModel:
-    """A trained Captioner ready to caption images: on a device, in eval mode, with CLIP's preprocessing and
-    the generation settings it was trained with (`generation`, as in `Captioner.generate`) as the defaults.
+class CaptionPipeline:
+    """Images in, captions out: a trained Captioner (the nn.Module, `.model`) on a device in eval mode, with
+    CLIP's preprocessing and the generation settings it was trained with (`generation`, as in
+    `Captioner.generate`) as the defaults. `captioner.load` returns one.
 
-    On a GPU the model runs under bf16 autocast, as it was validated during training. Not thread-safe: call it
-    from one thread at a time (the server's batcher does).
+    On a GPU the model runs under bf16 autocast, as it was validated during training (`caption_batch`). Not
+    thread-safe: call it from one thread at a time (the server's batcher does).
     """
 
     def __init__(
@@ -53,7 +61,6 @@ class CaptionModel:
         self.generation = generation_settings(generation)
         self.transform = ClipPreprocess(model.vision.image_size)
         self.source = source
-        self.autocast = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
 
     def info(self) -> dict:
         """What the server reports about the model: where it came from, where it runs, how it decodes."""
@@ -77,12 +84,40 @@ class CaptionModel:
             image = open_image(image, name)
         return self.transform(image)  # (3, S, S)
 
-    @torch.no_grad()
     def caption_pixels(self, pixel_values: torch.Tensor, beams: int | None = None, **generation) -> list[str]:
         """Captions for preprocessed images (B, 3, S, S), one model call."""
-        settings = self.settings(beams, **generation)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
-            return self.model.caption(pixel_values=pixel_values.to(self.device), **settings)
+        return caption_batch(self.model, pixel_values, **self.settings(beams, **generation))
+
+    def iter_captions(
+        self,
+        images: ImageLike | Iterable[ImageLike],
+        beams: int | None = None,
+        batch_size: int = 16,
+        on_unreadable: Callable[[UnreadableImage], None] | None = None,
+        **generation,
+    ) -> Iterator[tuple[int, str]]:
+        """(position in `images`, caption) per image, in order, yielded a batch at a time as each is captioned:
+        what `caption` collects, for a caller that shows captions as they come. An unreadable image raises
+        UnreadableImage (a ValueError naming it), or with `on_unreadable` is handed to it and left out."""
+        if isinstance(images, str | os.PathLike | Image.Image | io.IOBase):
+            images = [images]
+        images = list(images)
+        self.settings(beams, **generation)  # a bad `beams` fails before any image is decoded
+        for start in range(0, len(images), batch_size):
+            positions, pixels = [], []
+            for position in range(start, min(start + batch_size, len(images))):
+                image = images[position]
+                try:
+                    pixels.append(self.preprocess(image, describe(image, position)))
+                except UnreadableImage as err:
+                    if on_unreadable is None:
+                        raise
+                    on_unreadable(err)
+                    continue
+                positions.append(position)
+            if positions:
+                captions = self.caption_pixels(torch.stack(pixels), beams, **generation)  # (B, 3, S, S) in
+                yield from zip(positions, captions, strict=True)
 
     def caption(
         self,
@@ -95,23 +130,14 @@ class CaptionModel:
         decoded and captioned `batch_size` at a time. `beams` and `generation` override the saved generation
         settings (e.g. max_new_tokens=20, length_penalty=0.8). Raises ValueError naming the first unreadable
         image."""
-        if isinstance(images, str | os.PathLike | Image.Image | io.IOBase):
-            images = [images]
-        images = list(images)
-        self.settings(beams, **generation)  # a bad `beams` fails before any image is decoded
-        captions: list[str] = []
-        for start in range(0, len(images), batch_size):
-            chunk = images[start : start + batch_size]
-            pixels = [self.preprocess(image, describe(image, start + i)) for i, image in enumerate(chunk)]
-            captions += self.caption_pixels(torch.stack(pixels), beams, **generation)  # (B, 3, S, S)
-        return captions
+        return [caption for _, caption in self.iter_captions(images, beams, batch_size, **generation)]
 
     def __repr__(self) -> str:
-        return f"CaptionModel(source={self.source!r}, device={self.device}, generation={self.generation})"
+        return f"CaptionPipeline(source={self.source!r}, device={self.device}, generation={self.generation})"
 
 
-def load(path: str | os.PathLike, device: str | torch.device | None = None) -> CaptionModel:
-    """A CaptionModel from a caption run's Lightning checkpoint or an exported captioner directory.
+def load(path: str | os.PathLike, device: str | torch.device | None = None) -> CaptionPipeline:
+    """A CaptionPipeline from a caption run's Lightning checkpoint or an exported captioner directory.
     device: "cpu", "cuda", … (default: cuda when available)."""
     model, hparams = load_captioner(path)
-    return CaptionModel(model, hparams.get("generation"), device, source=str(path))
+    return CaptionPipeline(model, hparams.get("generation"), device, source=str(path))

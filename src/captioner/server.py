@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse
 from starlette.routing import Route
 
-from captioner.api import CaptionModel
+from captioner.api import CaptionPipeline
 from captioner.errors import UserError
 from captioner.models.vision import UnreadableImage
 
@@ -50,10 +50,12 @@ class Batcher:
     model is never used from two threads; requests arriving during a call form the next batch. At most
     `max_queue` requests wait: more would only time out, so the next ones are refused (`ServerBusy`)."""
 
-    def __init__(self, model: CaptionModel, max_batch: int = 8, wait_s: float = 0.005, max_queue: int = 64):
+    def __init__(
+        self, pipeline: CaptionPipeline, max_batch: int = 8, wait_s: float = 0.005, max_queue: int = 64
+    ):
         if max_batch < 1 or max_queue < 1:
             raise UserError(f"max_batch and max_queue must be ≥ 1, got {max_batch} and {max_queue}")
-        self.model, self.max_batch, self.wait_s = model, max_batch, wait_s
+        self.pipeline, self.max_batch, self.wait_s = pipeline, max_batch, wait_s
         self.queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=max_queue)
         self.stats = {"requests": 0, "batches": 0, "largest_batch": 0, "refused_busy": 0}
 
@@ -80,7 +82,7 @@ class Batcher:
     async def _caption(self, group: list[Job], beams: int | None) -> None:
         pixels = torch.stack([job.pixels for job in group])  # (B, 3, S, S)
         try:
-            captions = await anyio.to_thread.run_sync(self.model.caption_pixels, pixels, beams)
+            captions = await anyio.to_thread.run_sync(self.pipeline.caption_pixels, pixels, beams)
         except Exception as err:  # the requests answer 500; the worker carries on
             for job in group:
                 if not job.future.done():
@@ -160,7 +162,7 @@ async def caption(request: Request) -> JSONResponse:
     if not data:
         return error(400, f"{name}: the uploaded file is empty")
     try:  # decoding in a thread: a large JPEG takes a while, and other requests keep arriving meanwhile
-        pixels = await anyio.to_thread.run_sync(state.model.preprocess, io.BytesIO(data), name)
+        pixels = await anyio.to_thread.run_sync(state.pipeline.preprocess, io.BytesIO(data), name)
     except UnreadableImage as err:
         return error(STATUS[err.reason], str(err))
     try:
@@ -196,13 +198,13 @@ async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
 
 
 def create_app(
-    model: CaptionModel,
+    pipeline: CaptionPipeline,
     max_batch: int = 8,
     max_upload_bytes: int = 10 << 20,
     batch_wait_s: float = 0.005,
     max_queue: int = 64,
 ) -> Starlette:
-    """The ASGI app serving `model`; run it with uvicorn (`captioner-serve` does)."""
+    """The ASGI app serving `pipeline` (`captioner.load`'s); run it with uvicorn (`captioner-serve` does)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
@@ -221,9 +223,9 @@ def create_app(
         exception_handlers={HTTPException: http_error},
         lifespan=lifespan,
     )
-    app.state.model = model
-    app.state.info = model.info()
-    app.state.batcher = Batcher(model, max_batch, batch_wait_s, max_queue)
+    app.state.pipeline = pipeline
+    app.state.info = pipeline.info()
+    app.state.batcher = Batcher(pipeline, max_batch, batch_wait_s, max_queue)
     app.state.max_upload_bytes = max_upload_bytes
     return app
 

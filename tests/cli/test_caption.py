@@ -54,8 +54,8 @@ def test_json_lines_carry_coco_image_ids_and_the_beams(ckpt, folder, capsys):
         "COCO_val2014_000000000042.png": 42,
         "cat.png": None,
     }
-    model = captioner.load(ckpt, device="cpu")
-    assert [r["caption"] for r in records] == model.caption(
+    pipeline = captioner.load(ckpt, device="cpu")
+    assert [r["caption"] for r in records] == pipeline.caption(
         [r["path"] for r in records], beams=2, max_new_tokens=4
     )
     results = [{"image_id": r["image_id"], "caption": r["caption"]} for r in records if "image_id" in r]

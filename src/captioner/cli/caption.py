@@ -10,8 +10,6 @@ import re
 import sys
 from pathlib import Path
 
-import torch
-
 from captioner.api import load
 from captioner.cli.boundary import error_boundary
 from captioner.errors import UserError
@@ -69,23 +67,14 @@ def main(argv: list[str] | None = None) -> int:
 
     with error_boundary("captioner-caption"):
         paths = collect_images(args.images)
-        model = load(args.ckpt, device=args.device)
+        pipeline = load(args.ckpt, device=args.device)
 
-    # decoded here rather than by model.caption, to skip an unreadable image instead of stopping at it
-    for start in range(0, len(paths), args.batch_size):
-        chunk, pixels = [], []
-        for path in paths[start : start + args.batch_size]:
-            try:
-                pixels.append(model.preprocess(path))
-            except UnreadableImage as err:
-                print(f"captioner-caption: skipping {err}", file=sys.stderr)
-                continue
-            chunk.append(path)
-        if not chunk:
-            continue
-        captions = model.caption_pixels(torch.stack(pixels), args.beams, **generation)  # (B, 3, S, S) in
-        for path, caption in zip(chunk, captions, strict=True):
-            print(output_line(path, caption, args.json), flush=True)
+    def skip(err: UnreadableImage) -> None:
+        print(f"captioner-caption: skipping {err}", file=sys.stderr)
+
+    captions = pipeline.iter_captions(paths, args.beams, args.batch_size, on_unreadable=skip, **generation)
+    for position, caption in captions:
+        print(output_line(paths[position], caption, args.json), flush=True)
     return 0
 
 
