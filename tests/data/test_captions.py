@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from captioner.data.captions import CaptionSampler, CocoCaptionDataModule, encode_caption, normalize_caption
+from captioner.data.caption_sampler import CaptionSampler
+from captioner.data.captions import CocoCaptionDataModule, encode_caption, normalize_caption
 from captioner.data.coco_format import load_captions
 from captioner.errors import UserError
 from captioner.models.vision import CLIP_MEAN, CLIP_STD, clip_transform, load_image

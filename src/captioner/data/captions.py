@@ -6,15 +6,17 @@ N image tokens and D their width when serving cached CLIP features.
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
+from captioner.data.caption_sampler import CaptionSampler
 from captioner.data.coco_format import CaptionIndex, load_captions
 from captioner.data.feature_cache import FeatureStore
 from captioner.data.image_source import ImageSource
@@ -57,17 +59,35 @@ def encode_captions(texts: Sequence[str], enc, max_tokens: int) -> tuple[np.ndar
     return flat, offsets
 
 
+def reference_tokens(tokens: np.ndarray, token_offsets: np.ndarray, start: int, stop: int) -> list[list[int]]:
+    """Captions start..stop as token ids, without the EOT that opens each and the one that closes it (a cut
+    caption has none): what a sampled caption is compared with."""
+    refs = []
+    for c in range(start, stop):
+        seq = tokens[token_offsets[c] + 1 : token_offsets[c + 1]].tolist()
+        refs.append(seq[:-1] if seq and seq[-1] == EOT else seq)
+    return refs
+
+
 class CaptionPairs(Dataset):
     """Item c = caption c of the split with its image. Which captions an epoch visits is the sampler's choice.
 
     Returns {key: image tensor, "input_ids": (L,), "labels": (L,), "image_id"}, with labels[t] the token after
-    input_ids[t]; or, for an unreadable image, the sentinel {"skipped": file_name, "image_id"}.
+    input_ids[t]; or, for an unreadable image, the sentinel {"skipped": file_name, "image_id"}. With
+    `references`, items also carry "references": every caption of the image as token ids (`reference_tokens`),
+    for a reward computed against them (self-critical training).
     """
 
     def __init__(
-        self, index: CaptionIndex, tokens: np.ndarray, token_offsets: np.ndarray, source: ImageSource
+        self,
+        index: CaptionIndex,
+        tokens: np.ndarray,
+        token_offsets: np.ndarray,
+        source: ImageSource,
+        references: bool = False,
     ):
         self.index, self.tokens, self.token_offsets, self.source = index, tokens, token_offsets, source
+        self.references = references
 
     def __len__(self) -> int:
         return len(self.index.caption_image)
@@ -81,7 +101,11 @@ class CaptionPairs(Dataset):
         seq = torch.from_numpy(
             self.tokens[self.token_offsets[c] : self.token_offsets[c + 1]].astype(np.int64)
         )
-        return {self.source.key: image, "input_ids": seq[:-1], "labels": seq[1:], "image_id": image_id}
+        item = {self.source.key: image, "input_ids": seq[:-1], "labels": seq[1:], "image_id": image_id}
+        if self.references:
+            first, last = self.index.offsets[i], self.index.offsets[i + 1]
+            item["references"] = reference_tokens(self.tokens, self.token_offsets, first, last)
+        return item
 
 
 @dataclass
@@ -90,12 +114,13 @@ class CaptionCollate:
 
     Batch: {key: (B, *image_shape) float32, "input_ids": (B, T) int64 padded with EOT, "labels": (B, T) int64
     padded with -100 (ignored by the loss; the EOT padding is never a target), "n_targets": how many labels are
-    not -100, "image_ids": (B,) int64, "skipped": [file names]}. B can be 0 when every image of a batch was
-    unreadable.
+    not -100, "image_ids": (B,) int64, "skipped": [file names]}, and with `references` the items' "references"
+    (B lists of token-id lists). B can be 0 when every image of a batch was unreadable.
     """
 
     key: str
     image_shape: tuple[int, ...]
+    references: bool = False
 
     def __call__(self, items: list[dict]) -> dict:
         good = [it for it in items if "skipped" not in it]
@@ -108,7 +133,7 @@ class CaptionCollate:
             input_ids[b, :n] = it["input_ids"]
             labels[b, :n] = it["labels"]
         images = torch.stack([it[self.key] for it in good]) if good else torch.empty(0, *self.image_shape)
-        return {
+        batch = {
             self.key: images,  # (B, 3, S, S) or (B, N, D)
             "input_ids": input_ids,
             "labels": labels,
@@ -116,79 +141,9 @@ class CaptionCollate:
             "image_ids": torch.tensor([it["image_id"] for it in good], dtype=torch.int64),  # (B,)
             "skipped": [it["skipped"] for it in items if "skipped" in it],
         }
-
-
-class CaptionSampler(Sampler[int]):
-    """The caption indices one rank visits in one epoch, seeded by (seed, epoch), resumable by whole batches.
-
-    mode "all": every caption once per epoch; mode "one": one caption per image, drawn per epoch. With `shuffle`
-    the order is a permutation drawn from (seed, epoch); every rank draws the same one and takes every
-    world_size-th item from its rank on (training drops the tail so all ranks get equally many batches, which
-    DDP needs; validation keeps everything, so each pair counts exactly once).
-
-    `skip_batches` drops the first batches of epoch `epoch` only (a mid-epoch resume) by slicing indices, so no
-    image is decoded for them. `__len__` keeps counting them: Lightning resumes its own batch counter at the
-    same place and ends the epoch when that counter reaches `len(dataloader)`.
-    """
-
-    def __init__(
-        self,
-        index: CaptionIndex,
-        *,
-        mode: str = "all",
-        shuffle: bool = True,
-        seed: int = 0,
-        epoch: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        drop_tail: bool = True,
-        batch_size: int = 1,
-        skip_batches: int = 0,
-    ):
-        if mode not in ("all", "one"):
-            raise UserError(f"captions_per_epoch must be 'all' or 'one', got {mode!r}")
-        if not 0 <= rank < world_size:
-            raise UserError(f"rank {rank} outside world size {world_size}")
-        self.index, self.mode, self.shuffle, self.seed = index, mode, shuffle, seed
-        self.rank, self.world_size, self.drop_tail, self.batch_size = rank, world_size, drop_tail, batch_size
-        self.epoch, self.skip_batches = epoch, skip_batches
-
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self.skip_batches = 0  # the resume offset belongs to the epoch that was interrupted
-        self.epoch = epoch
-
-    def epoch_order(self) -> np.ndarray:
-        """All ranks' caption indices for this epoch, before the rank split."""
-        rng = np.random.default_rng([self.seed, self.epoch])
-        if self.mode == "all":
-            order = np.arange(len(self.index.caption_image))
-            return rng.permutation(order) if self.shuffle else order
-        counts = np.diff(self.index.offsets)
-        images = np.flatnonzero(counts)  # images without captions have nothing to train on
-        picks = self.index.offsets[images] + (rng.random(len(images)) * counts[images]).astype(np.int64)
-        return rng.permutation(picks) if self.shuffle else picks
-
-    def rank_order(self) -> np.ndarray:
-        order = self.epoch_order()
-        if self.drop_tail:
-            order = order[: len(order) // self.world_size * self.world_size]
-        return order[self.rank :: self.world_size]
-
-    def __iter__(self) -> Iterator[int]:
-        order = self.rank_order()[self.skip_batches * self.batch_size :]
-        return iter(order.tolist())
-
-    def __len__(self) -> int:
-        # "one" draws a caption for every image that has one
-        n = (
-            len(self.index.caption_image)
-            if self.mode == "all"
-            else int(np.count_nonzero(np.diff(self.index.offsets)))
-        )
-        if self.drop_tail:
-            return n // self.world_size
-        return len(range(self.rank, n, self.world_size))
+        if self.references:
+            batch["references"] = [it["references"] for it in good]
+        return batch
 
 
 class GenerationImages(Dataset):
@@ -240,6 +195,8 @@ class CocoCaptionDataModule(L.LightningDataModule):
     shuffled order split across DDP ranks by the sampler itself (Lightning runs with
     use_distributed_sampler=False), resumable mid-epoch from `state_dict`. Validation: all val pairs, in order,
     split across ranks. With `features_dir` the loaders serve cached CLIP tokens ("features") instead of pixels.
+    With `train_references` every training item also carries all its image's captions as token ids (the
+    self-critical reward's references; `reference_corpus` gives them for the whole training split).
     """
 
     def __init__(
@@ -256,6 +213,7 @@ class CocoCaptionDataModule(L.LightningDataModule):
         val_gen_images: int = 100,
         seed: int = 1234,
         prepare_hint: str = "captioner-prepare coco",
+        train_references: bool = False,
     ):
         super().__init__()
         if captions_per_epoch not in ("all", "one"):
@@ -277,6 +235,7 @@ class CocoCaptionDataModule(L.LightningDataModule):
                 "val_gen_images": val_gen_images,
                 "seed": seed,
                 "prepare_hint": prepare_hint,
+                "train_references": train_references,
             }
         )
         self._splits: dict[str, _Split] = {}
@@ -311,7 +270,20 @@ class CocoCaptionDataModule(L.LightningDataModule):
             raise UserError(f"image directory not found: {index.image_dir} (run `{hp.prepare_hint}`)")
         tokens, offsets = encode_captions(index.captions, gpt2_encoding(), hp.max_caption_tokens)
         source = ImageSource(index, image_size=hp.image_size, features=features)
-        return _Split(index, source, CaptionPairs(index, tokens, offsets, source))
+        references = hp.train_references and name == hp.train_split
+        return _Split(index, source, CaptionPairs(index, tokens, offsets, source, references))
+
+    def reference_corpus(self) -> tuple[list[list[list[int]]], str]:
+        """Every training image's captions as token ids (`reference_tokens`), one list per image, and a digest of
+        them (sha256 of the encoded split: names a cache of anything derived from the corpus)."""
+        dataset = self._split(self.hparams.train_split).dataset
+        offsets = dataset.index.offsets
+        corpus = [
+            reference_tokens(dataset.tokens, dataset.token_offsets, offsets[i], offsets[i + 1])
+            for i in range(len(offsets) - 1)
+        ]
+        digest = hashlib.sha256(dataset.tokens.tobytes() + dataset.token_offsets.tobytes()).hexdigest()
+        return corpus, digest[:16]
 
     def _rank_world(self) -> tuple[int, int]:
         if self.trainer is None:
@@ -324,7 +296,7 @@ class CocoCaptionDataModule(L.LightningDataModule):
             split.dataset,
             batch_size=self.hparams.batch_size,
             sampler=sampler,
-            collate_fn=CaptionCollate(split.source.key, split.source.shape),
+            collate_fn=CaptionCollate(split.source.key, split.source.shape, split.dataset.references),
             num_workers=workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=workers > 0,
