@@ -168,30 +168,25 @@ def test_caption_batch_captions_pixels_and_features_as_the_captioner_does():
     assert caption_batch(model, pixels, autocast=False, **settings) == expected
 
 
-def record_autocast(monkeypatch) -> list[tuple[bool, torch.dtype]]:
-    """(CUDA autocast on?, its dtype) as each Captioner.caption call sees them."""
-    seen, real = [], Captioner.caption
-
-    def caption(self, *args, **kwargs):
-        seen.append((torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")))
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(Captioner, "caption", caption)
-    return seen
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_caption_batch_moves_images_to_the_model_and_runs_it_in_bf16_or_in_the_callers_precision(monkeypatch):
     torch.manual_seed(0)
     model = make_captioner().eval().cuda()
-    seen = record_autocast(monkeypatch)
-    pixels = torch.randn(2, 3, 64, 64)  # on the CPU: caption_batch moves them
-    captions = caption_batch(model, pixels, max_new_tokens=4)
+    seen, real = [], Captioner.caption  # (images' device type, CUDA autocast on, its dtype) per model call
+
+    def caption(self, pixel_values=None, features=None, **generation):
+        autocast = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+        seen.append((pixel_values.device.type, *autocast))
+        return real(self, pixel_values, features, **generation)
+
+    monkeypatch.setattr(Captioner, "caption", caption)
+    pixels = torch.randn(2, 3, 64, 64)  # on the CPU
+    assert len(caption_batch(model, pixels, max_new_tokens=4)) == 2
     with torch.autocast("cuda", dtype=torch.float16):  # Lightning's 16-mixed, say: kept, not switched off
-        caption_batch(model, pixels.cuda(), autocast=False, max_new_tokens=4)
+        caption_batch(model, pixels, autocast=False, max_new_tokens=4)
     caption_batch(model, pixels, autocast=False, max_new_tokens=4)
-    assert len(captions) == 2
-    assert seen == [(True, torch.bfloat16), (True, torch.float16), (False, seen[2][1])]
+    assert seen[:2] == [("cuda", True, torch.bfloat16), ("cuda", True, torch.float16)]
+    assert seen[2][:2] == ("cuda", False)
 
 
 def test_vision_encoder_loads_a_local_clip_dir(tmp_path):
