@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import http.server
 import io
 import threading
@@ -22,7 +23,7 @@ def _zip_bytes(files: dict[str, bytes]) -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
         for name, data in files.items():
-            zf.writestr(name, data)
+            zf.writestr(zipfile.ZipInfo(name, date_time=(2017, 9, 1, 0, 0, 0)), data)  # same bytes each time
     return buf.getvalue()
 
 
@@ -51,7 +52,7 @@ class _Server:
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
-                name = self.path.lstrip("/")
+                name = self.path.removeprefix("/mirror/")
                 server.requests.append((name, self.headers.get("Range")))
                 data = server.files[name]
                 start = 0
@@ -84,8 +85,9 @@ class _Server:
         self.httpd.shutdown()
         self.httpd.server_close()
 
-    def url(self, name: str) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/{name}"
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/mirror"
 
 
 @pytest.fixture
@@ -97,9 +99,11 @@ def coco_src(tmp_path) -> Path:
     return make_caption_root(tmp_path / "src", "val2017", 2, first_id=101)
 
 
-def _point_urls(monkeypatch, server):
-    for name in coco.COCO_URLS:
-        monkeypatch.setitem(coco.COCO_URLS, name, server.url(name))
+def _serve(zips: dict[str, bytes], monkeypatch, **quirks) -> _Server:
+    """A mirror of COCO's layout holding these zips, whose MD5s stand in for the published ones."""
+    for name, data in zips.items():
+        monkeypatch.setitem(coco.COCO_MD5, name, hashlib.md5(data).hexdigest())
+    return _Server({coco.COCO_PATHS[name]: data for name, data in zips.items()}, **quirks)
 
 
 def test_prepare_downloads_resumes_verifies_and_extracts(tmp_path, coco_src, monkeypatch):
@@ -111,12 +115,12 @@ def test_prepare_downloads_resumes_verifies_and_extracts(tmp_path, coco_src, mon
         b"X" * 50
     )  # a partial the server cannot resume (ignores Range): must be restarted, not appended to
     (root / "downloads" / "annotations_trainval2017.zip.part").write_bytes(stale)
-    with _Server(zips, cut_first={"train2017.zip"}, no_range={"annotations_trainval2017.zip"}) as server:
-        _point_urls(monkeypatch, server)
-        coco.prepare_coco(root)
-        assert ("val2017.zip", "bytes=100-") in server.requests
+    quirks = dict(cut_first={"zips/train2017.zip"}, no_range={"annotations/annotations_trainval2017.zip"})
+    with _serve(zips, monkeypatch, **quirks) as server:
+        coco.prepare_coco(root, base_url=server.base_url)
+        assert ("zips/val2017.zip", "bytes=100-") in server.requests
         # The first answer broke off half-way: the retry resumed from what had been written.
-        first, retry = [r for n, r in server.requests if n == "train2017.zip"]
+        first, retry = [r for n, r in server.requests if n == "zips/train2017.zip"]
         assert (
             first is None
             and 0 < int(retry.removeprefix("bytes=").rstrip("-")) <= len(zips["train2017.zip"]) // 2
@@ -133,7 +137,7 @@ def test_prepare_downloads_resumes_verifies_and_extracts(tmp_path, coco_src, mon
         assert not list((root / "downloads").iterdir())  # zips deleted after extraction
         assert len(load_captions(root, "val2017").captions) == 6
         n_requests = len(server.requests)
-        coco.prepare_coco(root)  # everything is done: no requests
+        coco.prepare_coco(root, base_url=server.base_url)  # everything is done: no requests
         assert len(server.requests) == n_requests
 
 
@@ -145,19 +149,33 @@ def test_prepare_detects_a_corrupt_zip(tmp_path, coco_src, monkeypatch):
         zips["val2017.zip"][:at] + bytes([zips["val2017.zip"][at] ^ 0xFF]) + zips["val2017.zip"][at + 1 :]
     )
     root = tmp_path / "coco"
-    with _Server(zips) as server:
-        _point_urls(monkeypatch, server)
-        with pytest.raises(
-            ValueError, match=r"val2017\.zip: corrupt zip, member 'val2017/000000000102\.png'"
-        ):
-            coco.prepare_coco(root)
+    with (
+        _serve(zips, monkeypatch) as server,
+        pytest.raises(ValueError, match=r"val2017\.zip: corrupt zip, member 'val2017/000000000102\.png'"),
+    ):
+        coco.prepare_coco(root, base_url=server.base_url)
     assert not (root / "downloads" / "val2017.zip").exists()  # deleted so a re-run downloads it again
     assert not (root / "val2017").exists() and (root / "train2017" / coco.DONE_MARKER).exists()
 
 
+def test_a_zip_that_is_not_the_published_one_is_deleted(tmp_path, coco_src, monkeypatch):
+    zips = coco_zips(coco_src)
+    root = tmp_path / "coco"
+    with _serve(zips, monkeypatch) as server:
+        monkeypatch.setitem(coco.COCO_MD5, "train2017.zip", "0" * 32)  # its CRCs are fine, its MD5 is not
+        with pytest.raises(
+            UserError, match=r"train2017\.zip: MD5 [0-9a-f]{32}, but the published MD5 .* is 0+;"
+        ):
+            coco.prepare_coco(root, base_url=server.base_url)
+    assert not (root / "downloads" / "train2017.zip").exists() and not (root / "train2017").exists()
+
+
 def test_prepare_from_an_existing_copy(tmp_path, coco_src, monkeypatch):
-    for name in coco.COCO_URLS:  # any download attempt would fail
-        monkeypatch.setitem(coco.COCO_URLS, name, "http://127.0.0.1:9/nothing")
+    # any download attempt would fail
+    monkeypatch.setattr(coco, "BASE_URL", "http://127.0.0.1:9/nothing")
+    zips = coco_zips(coco_src)
+    for name, data in zips.items():
+        monkeypatch.setitem(coco.COCO_MD5, name, hashlib.md5(data).hexdigest())
     extracted = tmp_path / "extracted"
     coco.prepare_coco(extracted, source=coco_src)
     assert (extracted / "train2017").is_symlink() and (extracted / "annotations").is_symlink()
@@ -165,7 +183,7 @@ def test_prepare_from_an_existing_copy(tmp_path, coco_src, monkeypatch):
 
     zipped = tmp_path / "zips"
     zipped.mkdir()
-    for name, data in coco_zips(coco_src).items():
+    for name, data in zips.items():
         (zipped / name).write_bytes(data)
     root = tmp_path / "from_zips"
     coco.prepare_coco(root, source=zipped)

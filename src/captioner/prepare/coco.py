@@ -21,11 +21,18 @@ from captioner.prepare.download import check_zip, download
 
 log = logging.getLogger(__name__)
 
-# Module-level so tests (and mirrors) can point them elsewhere.
-COCO_URLS = {
-    "train2017.zip": "http://images.cocodataset.org/zips/train2017.zip",
-    "val2017.zip": "http://images.cocodataset.org/zips/val2017.zip",
-    "annotations_trainval2017.zip": "http://images.cocodataset.org/annotations/annotations_trainval2017.zip",
+BASE_URL = "http://images.cocodataset.org"  # prepare_coco(base_url=...): a mirror with the same layout
+COCO_PATHS = {
+    "train2017.zip": "zips/train2017.zip",
+    "val2017.zip": "zips/val2017.zip",
+    "annotations_trainval2017.zip": "annotations/annotations_trainval2017.zip",
+}
+# The published MD5s, as PaddlePaddle/PaddleDetection (ppdet/utils/download.py) and mlverse/torchvision
+# (R/dataset-coco.R) list them; the two agree. Module-level so tests can point them at their own zips.
+COCO_MD5 = {
+    "train2017.zip": "cced6f7f71b7629ddf16f17bbcfab6b2",
+    "val2017.zip": "442b8da7639aecaf257c1dceb8ba8c80",
+    "annotations_trainval2017.zip": "f4bbac642086de4f52a3fdda2de5fa2c",
 }
 ANNOTATIONS_ZIP = "annotations_trainval2017.zip"
 COCO_SPLITS = ("train2017", "val2017")
@@ -85,6 +92,7 @@ def prepare_coco(
     splits: Sequence[str] = COCO_SPLITS,
     keep_zips: bool = False,
     retries: int = 3,
+    base_url: str | None = None,
     clip: str = "openai/clip-vit-base-patch32",
     features_dir: str | Path | None = None,
     device: str = "cpu",
@@ -93,10 +101,11 @@ def prepare_coco(
 ) -> None:
     """Make `root` a COCO 2017 caption root (`root/<split>/`, `root/annotations/captions_<split>.json`).
 
-    Without `source`: download each zip into `root/downloads/` (resumable), check its size and CRCs, extract
-    atomically, then delete the zip unless `keep_zips`. With `source=DIR`: use an existing copy there, either
-    extracted (`DIR/train2017/`, `DIR/annotations/...`: symlinked into `root`) or zipped (`DIR/train2017.zip`
-    ...: verified and extracted); nothing is downloaded. Finished parts are skipped, so re-running is cheap.
+    Without `source`: download each zip from `base_url` (default COCO's host; a mirror with its layout) into
+    `root/downloads/` (resumable), check its size, MD5 and CRCs, extract atomically, then delete the zip unless
+    `keep_zips`. With `source=DIR`: use an existing copy there, either extracted (`DIR/train2017/`,
+    `DIR/annotations/...`: symlinked into `root`) or zipped (`DIR/train2017.zip` ...: verified and extracted);
+    nothing is downloaded. Finished parts are skipped, so re-running is cheap.
     Finally the annotations are loaded and validated. `features=True` then builds the CLIP feature cache of each
     split with the `clip` model (hub name or local dir) into `features_dir` (default `root/features`).
     """
@@ -124,8 +133,9 @@ def prepare_coco(
                     f"{root / top} exists but was not written by captioner-prepare; remove it, or pass "
                     f"source={root} to use it as it is"
                 )
-            log.info("%s: downloading %s into %s", step, COCO_URLS[name], root / "downloads")
-            zip_path = download(COCO_URLS[name], root / "downloads" / name, retries=retries)
+            url = f"{(base_url or BASE_URL).rstrip('/')}/{COCO_PATHS[name]}"
+            log.info("%s: downloading %s into %s", step, url, root / "downloads")
+            zip_path = download(url, root / "downloads" / name, retries=retries)
             try:
                 _verify(zip_path, step)
             except ValueError as err:
@@ -170,10 +180,9 @@ def _progress_log():
 
 
 def _verify(zip_path: Path, step: str) -> None:
-    log.info(
-        "%s: verifying %s (%.1f GB, the CRC of every member)", step, zip_path, zip_path.stat().st_size / 1e9
-    )
-    check_zip(zip_path)
+    size = zip_path.stat().st_size / 1e9
+    log.info("%s: verifying %s (%.1f GB: its MD5 and the CRC of every member)", step, zip_path, size)
+    check_zip(zip_path, md5=COCO_MD5[zip_path.name])
 
 
 def _extract(zip_path: Path, root: Path, top: str, step: str) -> None:
