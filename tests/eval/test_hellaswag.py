@@ -240,29 +240,55 @@ class QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-def test_download_is_cached_and_atomic(tmp_path):
-    served = tmp_path / "served"
-    served.mkdir()
-    write_jsonl(served / "hellaswag_val.jsonl", EXAMPLES)
-    handler = functools.partial(QuietHandler, directory=served)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+@pytest.fixture
+def served(tmp_path):
+    """A loopback server for the files of tmp_path/served; yields its base URL."""
+    directory = tmp_path / "served"
+    directory.mkdir()
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(QuietHandler, directory=directory)
+    )
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    base_url = f"http://127.0.0.1:{server.server_address[1]}"
     try:
-        out = tmp_path / "data"
-        path = download_hellaswag(out, "val", base_url=base_url)
-        assert path == out / "hellaswag_val.jsonl"
-        assert path.read_bytes() == (served / "hellaswag_val.jsonl").read_bytes()
-        with pytest.raises(OSError):  # a 404 leaves no partial file behind
-            download_hellaswag(out, "train", base_url=base_url)
-        assert sorted(p.name for p in out.iterdir()) == ["hellaswag_val.jsonl"]
+        yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
         server.server_close()
-    assert download_hellaswag(out, "val", base_url=base_url) == path  # cached: no server needed
+
+
+def test_download_is_cached_and_atomic(tmp_path, served):
+    write_jsonl(tmp_path / "served" / "hellaswag_val.jsonl", EXAMPLES)
+    out = tmp_path / "data"
+    path = download_hellaswag(out, "val", url=f"{served}/hellaswag_val.jsonl")
+    assert path == out / "hellaswag_val.jsonl"
+    assert path.read_bytes() == (tmp_path / "served" / "hellaswag_val.jsonl").read_bytes()
+    with pytest.raises(OSError):  # a 404 leaves no partial file behind
+        download_hellaswag(out, "train", url=f"{served}/hellaswag_train.jsonl")
+    assert sorted(p.name for p in out.iterdir()) == ["hellaswag_val.jsonl"]
+    assert download_hellaswag(out, "val", url="http://127.0.0.1:9/gone") == path  # cached: no server needed
     with pytest.raises(ValueError, match="split"):
         download_hellaswag(out, "dev")
+
+
+def test_prepare_cli_takes_a_mirror_url_and_refuses_the_unlabelled_test_split(tmp_path, served, capsys):
+    from captioner.cli.prepare import main
+
+    write_jsonl(tmp_path / "served" / "copy.jsonl", EXAMPLES)
+    out = tmp_path / "data"
+    assert main(["hellaswag", "--out", str(out), "--url", f"{served}/copy.jsonl"]) == 0
+    assert capsys.readouterr().out.strip() == str(out / "hellaswag_val.jsonl")
+    with pytest.raises(SystemExit) as exit_info:  # before any request: there is no server at this URL
+        main(["hellaswag", "--out", str(out), "--split", "test", "--url", "http://127.0.0.1:9/x"])
+    assert exit_info.value.code == 2
+    assert "test split has no labels" in capsys.readouterr().err
+
+
+def test_a_download_that_is_not_hellaswag_is_deleted(tmp_path, served):
+    (tmp_path / "served" / "proxy.html").write_text("<html>sign in to continue</html>\n")
+    with pytest.raises(UserError, match=r"invalid JSON .*proxy\.html\); deleted it"):
+        download_hellaswag(tmp_path / "data", "val", url=f"{served}/proxy.html")
+    assert not (tmp_path / "data" / "hellaswag_val.jsonl").exists()
 
 
 def _ddp_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:

@@ -17,7 +17,7 @@ from captioner.data.feature_cache import build_feature_cache
 from captioner.errors import UserError
 from captioner.io import save_text
 from captioner.models.vision import VisionEncoder
-from captioner.prepare.download import check_zip, download
+from captioner.prepare.download import check_zip, download, progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def extract_zip(zip_path: str | Path, root: str | Path, top: str) -> Path:
         members = [m for m in zf.infolist() if _wanted(m.filename, top)]
         if not any(not m.is_dir() for m in members):
             raise UserError(f"{zip_path}: no files under {top}/ in this zip")
-        with Progress() as progress:
+        with progress_bar(*Progress.get_default_columns()) as progress:
             for member in progress.track(members, description=f"extract {zip_path.name}"):
                 zf.extract(member, tmp)
     save_text(tmp / top / DONE_MARKER, f"{zip_path.name}\n")

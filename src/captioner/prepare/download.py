@@ -33,6 +33,14 @@ RETRYABLE = (
 )
 
 
+def progress_bar(*columns):
+    """A rich progress bar on stderr: stdout carries only what a command prints as its result."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    return Progress(*columns, console=Console(stderr=True))
+
+
 def download(
     url: str, dest: str | Path, *, retries: int = 3, chunk_size: int = 1 << 16, timeout: float = 60
 ) -> Path:
@@ -78,7 +86,7 @@ def _fetch_into(url: str, part: Path, *, chunk_size: int, timeout: float) -> Non
     `part` always holds a prefix of the file itself: a reply the server gzipped anyway is decoded as it arrives,
     its size checked on the wire bytes, and never appended to a part (its byte ranges count gzip bytes).
     """
-    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+    from rich.progress import BarColumn, DownloadColumn, TransferSpeedColumn
 
     have = part.stat().st_size if part.exists() else 0
     headers = IDENTITY | ({"Range": f"bytes={have}-"} if have else {})
@@ -109,7 +117,7 @@ def _fetch_into(url: str, part: Path, *, chunk_size: int, timeout: float) -> Non
             DownloadColumn(),
             TransferSpeedColumn(),
         )
-        with open(part, mode) as f, Progress(*columns) as progress:
+        with open(part, mode) as f, progress_bar(*columns) as progress:
             task = progress.add_task(Path(part.name).stem, total=None if encoded else total, completed=have)
             for chunk in resp.iter_content(chunk_size=chunk_size):
                 f.write(chunk)
@@ -198,7 +206,7 @@ class _HashingReader:
 def check_zip(path: str | Path, md5: str | None = None) -> None:
     """Read every member of a zip and check its CRC and, given `md5`, the whole file's MD5, in one pass with a
     progress bar; UserError naming the file (and member) if any check fails."""
-    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+    from rich.progress import BarColumn, DownloadColumn, TimeRemainingColumn, TransferSpeedColumn
 
     path = Path(path)
     columns = (
@@ -208,7 +216,7 @@ def check_zip(path: str | Path, md5: str | None = None) -> None:
         TransferSpeedColumn(),
         TimeRemainingColumn(),
     )
-    with open(path, "rb") as f, Progress(*columns) as progress:
+    with open(path, "rb") as f, progress_bar(*columns) as progress:
         task = progress.add_task(f"verify {path.name}", total=path.stat().st_size)
         reader = _HashingReader(f, lambda n: progress.advance(task, n))
         try:
