@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from captioner.models.loss import linear_cross_entropy
 
@@ -49,3 +50,26 @@ def test_a_frozen_output_layer_gets_no_gradient():
     w.requires_grad_(False)
     linear_cross_entropy(x, w, t).backward()
     assert w.grad is None and x.grad is not None
+
+
+def matmul_flops(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_without_grad_mode_only_the_forward_matmul_runs(mode):
+    """requires_grad inputs under no_grad/inference_mode (validation): the loss of grad mode, bit for bit, for
+    the FLOPs of the logits alone (2·N·C·V), not those of the two gradients too."""
+    x, w, t = inputs()
+    forward_flops = 2 * x.size(0) * x.size(1) * w.size(0)
+    grad_loss = linear_cross_entropy(x, w, t, chunk_rows=16)
+    assert matmul_flops(lambda: linear_cross_entropy(x, w, t, chunk_rows=16)) == 3 * forward_flops
+    with mode():
+        assert matmul_flops(lambda: linear_cross_entropy(x, w, t, chunk_rows=16)) == forward_flops
+        loss = linear_cross_entropy(x, w, t, chunk_rows=16)
+    assert torch.equal(loss, grad_loss.detach()) and not loss.requires_grad
+    x.requires_grad_(False)
+    w.requires_grad_(False)
+    assert matmul_flops(lambda: linear_cross_entropy(x, w, t, chunk_rows=16)) == forward_flops

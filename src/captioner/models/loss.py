@@ -4,7 +4,8 @@ cross-entropy): the (rows, V) logits, and their fp32 copy that autocast makes fo
 For GPT-2 124M at micro-batch 16 × 1024 that is 8,192 × 50,304 logits per 8K rows, instead of 3.3 GB of bf16
 logits + 6.6 GB fp32 at once. The gradients of the hidden states and of the output weights are computed in the
 forward pass, chunk by chunk, and handed back in backward (scaled by the incoming gradient), so nothing is
-recomputed: the same matmuls as the unfused layer, in a different order.
+recomputed: the same matmuls as the unfused layer, in a different order. Without grad mode (validation, no_grad,
+inference_mode) or with nothing requiring grad, only the forward matmul runs.
 
 Shapes: N rows, C n_embd, V vocab.
 """
@@ -17,36 +18,41 @@ import torch.nn.functional as F
 CHUNK_ROWS = 8192
 
 
+def _loss_and_grads(x, weight, targets, chunk_rows, grad_x_needed, grad_w_needed):
+    """(mean loss, its gradient for x or None, for weight or None), a chunk of rows at a time."""
+    valid = targets != -100  # (N,)
+    count = valid.sum().clamp(min=1)  # a tensor: no host sync
+    loss = x.new_zeros((), dtype=torch.float32)
+    grad_x = torch.empty_like(x) if grad_x_needed else None
+    grad_w = torch.zeros_like(weight, dtype=torch.float32) if grad_w_needed else None
+    w = weight.to(x.dtype)  # (V, C) autocast's copy, once
+    for start in range(0, x.size(0), chunk_rows):
+        rows = slice(start, start + chunk_rows)
+        xc, tc, vc = x[rows], targets[rows].clamp(min=0), valid[rows]  # (n, C), (n,), (n,)
+        logits = (xc @ w.t()).float()  # (n, V) this chunk only
+        lse = logits.logsumexp(dim=-1)  # (n,)
+        picked = logits.gather(1, tc[:, None]).squeeze(1)  # (n,)
+        loss = loss + ((lse - picked) * vc).sum()
+        if grad_x_needed or grad_w_needed:
+            # d(mean loss)/d(logits) = (softmax - one_hot) / count on rows with a target, 0 elsewhere
+            grad = logits.sub_(lse[:, None]).exp_()  # (n, V), in place of the logits
+            grad[torch.arange(len(tc), device=grad.device), tc] -= 1.0
+            grad.mul_((vc / count)[:, None])
+            grad = grad.to(xc.dtype)
+            if grad_x_needed:
+                grad_x[rows] = grad @ w  # (n, C)
+            if grad_w_needed:
+                grad_w += (grad.t() @ xc).float()  # (V, C)
+    return loss / count, grad_x, None if grad_w is None else grad_w.to(weight.dtype)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, targets, chunk_rows):
-        grad_x_needed, grad_w_needed = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        needs_grad = grad_x_needed or grad_w_needed  # a frozen output layer (caption runs) needs no grad_w
-        valid = targets != -100  # (N,)
-        count = valid.sum().clamp(min=1)  # a tensor: no host sync
-        loss = x.new_zeros((), dtype=torch.float32)
-        grad_x = torch.empty_like(x) if grad_x_needed else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if grad_w_needed else None
-        w = weight.to(x.dtype)  # (V, C) autocast's copy, once
-        for start in range(0, x.size(0), chunk_rows):
-            rows = slice(start, start + chunk_rows)
-            xc, tc, vc = x[rows], targets[rows].clamp(min=0), valid[rows]  # (n, C), (n,), (n,)
-            logits = (xc @ w.t()).float()  # (n, V) this chunk only
-            lse = logits.logsumexp(dim=-1)  # (n,)
-            picked = logits.gather(1, tc[:, None]).squeeze(1)  # (n,)
-            loss = loss + ((lse - picked) * vc).sum()
-            if needs_grad:
-                # d(mean loss)/d(logits) = (softmax - one_hot) / count on rows with a target, 0 elsewhere
-                grad = logits.sub_(lse[:, None]).exp_()  # (n, V), in place of the logits
-                grad[torch.arange(len(tc), device=grad.device), tc] -= 1.0
-                grad.mul_((vc / count)[:, None])
-                grad = grad.to(xc.dtype)
-                if grad_x_needed:
-                    grad_x[rows] = grad @ w  # (n, C)
-                if grad_w_needed:
-                    grad_w += (grad.t() @ xc).float()  # (V, C)
-        ctx.grads = (grad_x, None if grad_w is None else grad_w.to(weight.dtype))
-        return loss / count
+        # a frozen output layer (caption runs) needs no grad_w
+        loss, grad_x, grad_w = _loss_and_grads(x, weight, targets, chunk_rows, *ctx.needs_input_grad[:2])
+        ctx.grads = (grad_x, grad_w)
+        return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -66,4 +72,9 @@ def linear_cross_entropy(
     if torch.is_autocast_enabled(x.device.type):  # compute in autocast's dtype, as F.linear would
         x = x.to(torch.get_autocast_dtype(x.device.type))
     with torch.autocast(x.device.type, enabled=False):
-        return _LinearCrossEntropy.apply(x, weight, targets, chunk_rows)
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+            return _LinearCrossEntropy.apply(x, weight, targets, chunk_rows)
+        # needs_input_grad follows requires_grad, not grad mode: under no_grad/inference_mode (validation)
+        # the Function would still compute both gradients; this is the forward alone
+        loss, _, _ = _loss_and_grads(x, weight, targets, chunk_rows, False, False)
+        return loss
