@@ -149,20 +149,56 @@ def test_preparation_imports_neither_torch_nor_lightning():
     assert out.strip() == "[]"
 
 
-def test_hub_dataset_streams_through_datasets(tmp_path, parquet_file, monkeypatch):
+@pytest.fixture
+def local_hub(parquet_file, monkeypatch):
+    """The hub dataset served from parquet_file; `commits` maps each revision name to the commit it points at,
+    `streamed` records the revision each stream was opened at."""
     import datasets
 
     real_load = datasets.load_dataset
+    hub = type("Hub", (), {"commits": {"main": "c0ffee", "v1.0.0": "0ld"}, "streamed": []})
 
-    def local_hub(path, name, split, streaming):
+    def load_dataset(path, name, split, streaming, revision):
         assert (path, name, split, streaming) == ("HuggingFaceFW/fineweb-edu", "sample-10BT", "train", True)
+        hub.streamed.append(revision)
         return real_load("parquet", data_files=[str(parquet_file)], split=split, streaming=True)
 
-    monkeypatch.setattr(datasets, "load_dataset", local_hub)
+    def hub_commit(dataset, revision):
+        return hub.commits.get(revision, revision)  # a name, or already a commit
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.setattr(fineweb, "hub_commit", hub_commit)
+    return hub
+
+
+def test_hub_dataset_streams_through_datasets(tmp_path, local_hub):
     out = tmp_path / "out"
     check_shards(prepare_fineweb(out, shard_size=SHARD, num_proc=2), DOCS, out)
+    assert local_hub.streamed == ["c0ffee"]  # main, resolved to its commit before streaming
+    assert json.loads((out / "edufineweb_manifest.json").read_text())["settings"]["revision"] == "c0ffee"
     with pytest.raises(UserError, match="has no 'body' field"):
         prepare_fineweb(tmp_path / "o2", shard_size=SHARD, num_proc=1, text_key="body")
+
+
+def test_a_resume_keeps_the_commit_it_started_from(tmp_path, local_hub, monkeypatch):
+    out = tmp_path / "out"
+    real_write, written = fineweb.save_npy, []
+
+    def crash(path, tokens):
+        if len(written) == 2:
+            raise KeyboardInterrupt
+        real_write(path, tokens)
+        written.append(path)
+
+    monkeypatch.setattr(fineweb, "save_npy", crash)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_fineweb(out, revision="v1.0.0", shard_size=SHARD, num_proc=1)
+    monkeypatch.setattr(fineweb, "save_npy", real_write)
+    with pytest.raises(UserError, match=r"made with revision='0ld', now revision='c0ffee'"):
+        prepare_fineweb(out, revision="main", shard_size=SHARD, num_proc=1)
+    local_hub.commits["main"] = "n3w"  # main moves on: a resume without --revision still reads 0ld
+    check_shards(prepare_fineweb(out, shard_size=SHARD, num_proc=1), DOCS, out)
+    assert local_hub.streamed == ["0ld", "0ld"]
 
 
 def test_errors(tmp_path, parquet_file):
@@ -198,3 +234,22 @@ def test_progress_bar_on_a_terminal(tmp_path, parquet_file, monkeypatch, capsys)
     prepare_fineweb(tmp_path / "out", files=[parquet_file], shard_size=SHARD, num_proc=1, max_docs=5)
     err = capsys.readouterr().err
     assert "tok/s" in err and "tokens" in err and "wrote " in err
+
+
+def test_cli_revision_reaches_the_hub_and_an_unknown_one_is_one_line(
+    tmp_path, local_hub, monkeypatch, capsys
+):
+    import huggingface_hub.constants
+
+    from captioner.cli.prepare import main
+
+    out = tmp_path / "out"
+    assert (
+        main(["fineweb", "--out", str(out), "--revision", "v1.0.0", "--shard-size", "96", "--num-proc", "1"])
+        == 0
+    )
+    assert local_hub.streamed == ["0ld"]
+    monkeypatch.undo()  # the real resolver, offline: a UserError naming the dataset and revision, no traceback
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(UserError, match=r"dataset='HuggingFaceFW/fineweb-edu' revision='v9': cannot resolve"):
+        fineweb.hub_commit("HuggingFaceFW/fineweb-edu", "v9")

@@ -18,6 +18,7 @@ def _fineweb(args) -> None:
         files=args.files,
         dataset=args.dataset,
         name=args.name,
+        revision=args.revision,
         shard_size=args.shard_size,
         prefix=args.prefix,
         num_proc=args.num_proc,
@@ -36,6 +37,7 @@ def _coco(args) -> None:
         source=args.source,
         features=args.features,
         splits=tuple(args.splits),
+        base_url=args.base_url,
         clip=args.clip,
         device=args.device,
         batch_size=args.batch_size,
@@ -49,7 +51,7 @@ def _coco(args) -> None:
 def _hellaswag(args) -> None:
     from captioner.prepare.hellaswag import download_hellaswag
 
-    print(download_hellaswag(args.out, split=args.split))
+    print(download_hellaswag(args.out, split=args.split, url=args.url))
 
 
 def _shapes(args) -> None:
@@ -90,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--files", nargs="+", default=None, help="local .parquet/.jsonl files instead of the hub")
     p.add_argument("--dataset", default="HuggingFaceFW/fineweb-edu")
     p.add_argument("--name", default="sample-10BT")
+    p.add_argument(
+        "--revision",
+        default=None,
+        help="branch, tag or commit of the dataset (default: main; a resume keeps the commit it started from)",
+    )
     p.add_argument("--shard-size", type=int, default=100_000_000, help="tokens per shard")
     p.add_argument("--prefix", default="edufineweb")
     p.add_argument("--num-proc", type=int, default=None, help="tokenizer processes (default: all cores)")
@@ -101,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--source", default=None, help="an existing COCO copy (zips or extracted) instead of downloading"
     )
+    p.add_argument(
+        "--base-url",
+        default=None,
+        help="a mirror of images.cocodataset.org with its layout (zips/..., annotations/...)",
+    )
     p.add_argument("--features", action="store_true", help="also compute the CLIP feature cache")
     p.add_argument("--clip", default="openai/clip-vit-base-patch32")
     p.add_argument("--splits", nargs="+", default=["train2017", "val2017"])
@@ -111,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("hellaswag", help="download the HellaSwag val jsonl (rowanz/hellaswag)")
     p.add_argument("--out", default=data_dir("hellaswag"))
-    p.add_argument("--split", default="val", choices=["train", "val", "test"])
+    p.add_argument("--split", default="val", help="val or train (the test split has no labels)")
+    p.add_argument("--url", default=None, help="the jsonl's URL, for a mirror or proxy (default: GitHub)")
     p.set_defaults(func=_hellaswag)
 
     p = sub.add_parser("shapes", help="generate the embedded shapes world (text shards, HellaSwag, images)")

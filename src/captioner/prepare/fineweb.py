@@ -72,10 +72,34 @@ def _texts(rows: Sequence[dict], text_key: str, first: int, source: str) -> list
     return [row[text_key] for row in rows]
 
 
-def _hub_batches(dataset: str, name: str | None, text_key: str) -> Iterator[pa.Array]:
+def hub_commit(dataset: str, revision: str) -> str:
+    """The commit that `revision` (a branch, tag or commit of hub dataset `dataset`) points at now."""
+    from huggingface_hub import HfApi
+
+    try:
+        return HfApi().dataset_info(dataset, revision=revision).sha
+    except OSError as err:  # offline, no such dataset or revision
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(
+            f"dataset={dataset!r} revision={revision!r}: cannot resolve it on the hub ({first})"
+        ) from err
+
+
+def _recorded_revision(manifest: Path) -> str | None:
+    """The hub commit an earlier run into this manifest read, if it says (an unreadable one is reported later)."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        return json.loads(manifest.read_text()).get("settings", {}).get("revision")
+    return None
+
+
+def _hub_batches(dataset: str, name: str | None, text_key: str, revision: str) -> Iterator[pa.Array]:
     from datasets import load_dataset  # heavy (streaming also imports torch); only needed here
 
-    stream = from_hub(lambda d: load_dataset(d, name=name, split="train", streaming=True), dataset, "dataset")
+    stream = from_hub(
+        lambda d: load_dataset(d, name=name, split="train", streaming=True, revision=revision),
+        dataset,
+        "dataset",
+    )
     rows = stream.with_format("arrow")
     for batch in rows.iter(DOCS_PER_BATCH):
         if text_key not in batch.column_names:
@@ -118,15 +142,23 @@ def _local_batches(files: Sequence[Path], text_key: str) -> Iterator[Texts]:
 
 
 def text_batches(
-    files: Sequence[Path] | None, dataset: str, name: str | None, text_key: str, start: int, stop: int | None
+    files: Sequence[Path] | None,
+    dataset: str,
+    name: str | None,
+    text_key: str,
+    start: int,
+    stop: int | None,
+    revision: str | None = None,
 ) -> Iterator[Texts]:
-    """Stream the text of documents [start, stop) in order, in batches, from local files or the hub dataset.
+    """Stream the text of documents [start, stop) in order, in batches, from local files or the hub dataset
+    (at commit `revision`).
 
     Local files are read with pyarrow / json directly: `datasets` takes seconds to import, more than
     tokenising a small corpus.
     """
     seen = 0
-    for texts in _local_batches(files, text_key) if files else _hub_batches(dataset, name, text_key):
+    source = _local_batches(files, text_key) if files else _hub_batches(dataset, name, text_key, revision)
+    for texts in source:
         lo, hi = max(start - seen, 0), len(texts) if stop is None else min(len(texts), stop - seen)
         seen += len(texts)
         if lo < hi:
@@ -188,6 +220,7 @@ def prepare_fineweb(
     files: Sequence[str | Path] | None = None,
     dataset: str = "HuggingFaceFW/fineweb-edu",
     name: str | None = "sample-10BT",
+    revision: str | None = None,
     shard_size: int = 100_000_000,
     prefix: str = "edufineweb",
     num_proc: int | None = None,
@@ -197,19 +230,29 @@ def prepare_fineweb(
     """Tokenise a document stream into `<prefix>_{val,train}_NNNNNN.npy` shards in out_dir; return their paths.
 
     files: local .parquet / .jsonl / .json / .json(l).gz files read instead of the hub `dataset` / `name`.
+    revision: a branch, tag or commit of the hub dataset (the card lists versions). The commit it points at is
+    recorded in the manifest and an unfinished run resumes from that commit only; without `revision`, a resume
+    takes the recorded commit, a fresh run main's.
     max_docs: stop after this many documents (a quick partial build). num_proc: tokeniser processes (all cores).
     """
     out_dir = Path(out_dir)
     files = [Path(f) for f in files] if files else None
     if shard_size < 2:
         raise UserError(f"shard_size must be >= 2 tokens, got {shard_size}")
+    manifest = out_dir / f"{prefix}_manifest.json"
+    if files:
+        commit = None
+    elif revision is None and (recorded := _recorded_revision(manifest)):
+        commit = recorded
+    else:
+        commit = hub_commit(dataset, revision or "main")
     settings = {
         "source": [str(f.resolve()) for f in files] if files else f"{dataset}/{name}",
+        "revision": commit,
         "text_key": text_key,
         "max_docs": max_docs,
         "shard_size": shard_size,
     }
-    manifest = out_dir / f"{prefix}_manifest.json"
     state = _read_manifest(manifest, settings)
     console = Console(stderr=True)
     if state["complete"]:
@@ -231,7 +274,7 @@ def prepare_fineweb(
     fill = 0
     docs_done, carry = state["docs_done"], state["carry"]
     stop = None if max_docs is None else max(max_docs, docs_done)
-    batches = text_batches(files, dataset, name, text_key, docs_done, stop)
+    batches = text_batches(files, dataset, name, text_key, docs_done, stop, revision=commit)
     columns = (
         TextColumn("[bold]{task.description}"),
         TextColumn("{task.completed:,.0f} tokens"),
