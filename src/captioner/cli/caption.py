@@ -65,16 +65,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--beams and --batch-size must be ≥ 1")
     generation = {} if args.max_new_tokens is None else {"max_new_tokens": args.max_new_tokens}
 
-    with error_boundary("captioner-caption"):
-        paths = collect_images(args.images)
-        pipeline = load(args.ckpt, device=args.device)
-
     def skip(err: UnreadableImage) -> None:
         print(f"captioner-caption: skipping {err}", file=sys.stderr)
 
-    captions = pipeline.iter_captions(paths, args.beams, args.batch_size, on_unreadable=skip, **generation)
-    for position, caption in captions:
-        print(output_line(paths[position], caption, args.json), flush=True)
+    with error_boundary("captioner-caption"):  # a bad saved decoding setting shows while captioning, too
+        paths = collect_images(args.images)
+        pipeline = load(args.ckpt, device=args.device)
+        captions = pipeline.iter_captions(
+            paths, args.beams, args.batch_size, on_unreadable=skip, **generation
+        )
+        for position, caption in captions:
+            print(output_line(paths[position], caption, args.json), flush=True)
     return 0
 
 
