@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import warnings
 from typing import IO
+from unittest import mock
 
 import torch
 import torch.nn as nn
@@ -49,7 +50,7 @@ def open_image(source: str | os.PathLike | IO[bytes], name: str | None = None) -
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(source) as img:
                 img.load()  # Image.open reads only the header: truncation shows up here
-                return img.convert("RGB")
+                return to_rgb(img)
     except (FileNotFoundError, IsADirectoryError):
         raise UnreadableImage(name, "missing") from None
     except Image.UnidentifiedImageError:
@@ -58,6 +59,15 @@ def open_image(source: str | os.PathLike | IO[bytes], name: str | None = None) -
         raise UnreadableImage(name, "too_many_pixels", str(err).rstrip(".")) from None
     except (OSError, ValueError, SyntaxError, EOFError) as err:
         raise UnreadableImage(name, "truncated", f"{type(err).__name__}: {err}") from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB, transparency composited on white: what transformers' `convert_to_rgb` (CLIPImageProcessor's first
+    step) does, where `convert("RGB")` would keep whatever colour transparent pixels happen to hold."""
+    if "A" not in image.getbands() and image.info.get("transparency") is None:
+        return image.convert("RGB")
+    white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+    return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
 
 
 def load_image(path: str | os.PathLike) -> Image.Image | None:
@@ -69,14 +79,15 @@ def load_image(path: str | os.PathLike) -> Image.Image | None:
 
 
 def clip_transform(image_size: int = 224):
-    """CLIP's preprocessing: RGB, shortest side to `image_size` (bicubic, antialiased), centre crop, [0, 1]
-    floats, CLIP mean/std. PIL image in, plain (3, S, S) float32 tensor out."""
+    """CLIP's preprocessing: RGB (transparency on white), shortest side to `image_size` (bicubic, antialiased),
+    centre crop, [0, 1] floats, CLIP mean/std. PIL image in, plain (3, S, S) float32 tensor out."""
     from torchvision.transforms import v2
 
     return v2.Compose(
         [
-            v2.RGB(),
+            v2.Lambda(to_rgb, Image.Image),
             v2.Resize(image_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+            # OpenAI clip.py's crop (offset round(d/2)), the one CLIP's weights were published with; HF floors d/2
             v2.CenterCrop(image_size),
             v2.ToImage(),
             v2.ToDtype(torch.float32, scale=True),
@@ -100,6 +111,22 @@ class ClipPreprocess:
             if image is None:
                 return None
         return self.transform(image)  # (3, S, S)
+
+
+# What a full CLIP checkpoint (openai/clip-vit-base-patch32) holds besides the vision tower.
+CLIP_TEXT_KEYS = (r"^text_model\.", r"^text_projection\.", r"^visual_projection\.", r"^logit_scale$")
+
+
+def load_clip_vision(name: str, what: str = "clip") -> nn.Module:
+    """The CLIPVisionModel of a hub name or local directory holding it or a full CLIPModel (a UserError naming
+    the config value `what` when there is none). Transformers' load report then lists only keys outside the
+    full model's text tower, which it would otherwise print line by line (two hundred for ViT-B/32)."""
+    from transformers import CLIPVisionModel
+
+    ignored = (*(CLIPVisionModel._keys_to_ignore_on_load_unexpected or ()), *CLIP_TEXT_KEYS)
+    # Read by the instance under construction (post_init copies it), so the patch only spans this load.
+    with mock.patch.object(CLIPVisionModel, "_keys_to_ignore_on_load_unexpected", ignored):
+        return from_hub(CLIPVisionModel.from_pretrained, name, what)
 
 
 def token_parameters(clip: nn.Module) -> list[nn.Parameter]:
@@ -130,7 +157,7 @@ class VisionEncoder(nn.Module):
         if clip_config is not None:
             self.clip = CLIPVisionModel(CLIPVisionConfig(**clip_config))
         elif clip:
-            self.clip = from_hub(CLIPVisionModel.from_pretrained, clip, "clip")
+            self.clip = load_clip_vision(clip)
         else:
             raise UserError("VisionEncoder needs `clip` (hub name or local dir) or `clip_config`")
         self.proj = nn.Sequential(nn.Linear(self.hidden_size, out_dim), nn.LayerNorm(out_dim))
