@@ -23,7 +23,8 @@ TEXT = b'{"ctx": "a man", "endings": ["a", "b", "c", "d"], "label": 0}\n' * 3000
 class QuirkyServer:
     """Serves one file at /f with Range support, and the quirks a test asks for:
 
-    gzip_mode: "never", "accepted" (when Accept-Encoding allows it, as GitHub's raw host may) or "always";
+    gzip_mode: "never", "accepted" (when Accept-Encoding allows it, as GitHub's raw host may), "always", or "br"
+    (labels the reply brotli-encoded);
     bare_416: a Range past the end gets a 416 without Content-Range; bare_206: this many Range answers (or
     any answer, with `bare_206_always`) are a 206 without Content-Range; cut: this many answers announce the
     whole remainder, send half of it and hang up. `requests` records (method, Range, Accept-Encoding).
@@ -47,7 +48,10 @@ class QuirkyServer:
                 rng, enc = self.headers.get("Range"), self.headers.get("Accept-Encoding") or ""
                 server.requests.append(("GET", rng, enc))
                 body, start = server.data, 0
-                if server.encoding == "always" or (server.encoding == "accepted" and "gzip" in enc):
+                if server.encoding == "br":  # a coding urllib3 cannot decode without the brotli package
+                    self.send_response(200)
+                    self.send_header("Content-Encoding", "br")
+                elif server.encoding == "always" or (server.encoding == "accepted" and "gzip" in enc):
                     self.send_response(200)  # a gzipping host answers the whole file, whatever the Range
                     body = gzip.compress(body)
                     self.send_header("Content-Encoding", "gzip")
@@ -109,6 +113,12 @@ def test_a_reply_gzipped_anyway_is_decoded_and_checked_on_its_wire_bytes(tmp_pat
         path = dl.download(server.url, tmp_path / "f.jsonl", retries=1)
     assert path.read_bytes() == TEXT
     assert len(server.requests) == 1 + cut
+
+
+def test_a_coding_that_cannot_be_decoded_is_refused_not_saved(tmp_path):
+    with QuirkyServer(TEXT, gzip_mode="br") as server, pytest.raises(dl.DownloadError, match="br-encoded"):
+        dl.download(server.url, tmp_path / "f.jsonl", retries=0)
+    assert not list(tmp_path.iterdir())
 
 
 def test_a_complete_part_answered_416_without_content_range_is_kept(tmp_path):

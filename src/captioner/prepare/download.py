@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import requests
+from urllib3.response import HTTPResponse
 
 from captioner.errors import UserError
 
@@ -75,9 +76,10 @@ def _what_is_kept(part: Path) -> str:
     return "nothing is kept, a re-run starts over"
 
 
-def _encoded(resp: requests.Response) -> bool:
-    """Whether the server content-coded its reply (gzip, ...) although we asked for the identity."""
-    return resp.headers.get("Content-Encoding", "identity").strip().lower() not in ("", "identity")
+def _encoding(resp: requests.Response) -> str | None:
+    """The content coding (gzip, ...) the server applied although we asked for the identity, or None."""
+    coding = resp.headers.get("Content-Encoding", "").strip().lower()
+    return None if coding in ("", "identity") else coding
 
 
 def _fetch_into(url: str, part: Path, *, chunk_size: int, timeout: float) -> None:
@@ -96,12 +98,16 @@ def _fetch_into(url: str, part: Path, *, chunk_size: int, timeout: float) -> Non
             _accept_whole(url, part, have, resp, timeout)
             return
         resp.raise_for_status()
-        encoded = _encoded(resp)
+        encoding = _encoding(resp)
+        if encoding and any(c.strip() not in HTTPResponse.CONTENT_DECODERS for c in encoding.split(",")):
+            raise DownloadError(
+                f"{url}: the server sent it {encoding}-encoded, which urllib3 cannot decode here"
+            )
         if resp.status_code == 206:
             start, total = _content_range(resp.headers.get("Content-Range", ""))
-            if start is None or encoded:
+            if start is None or encoding:
                 part.unlink(missing_ok=True)  # nothing tells where (in the file) these bytes belong
-                why = "gzip-encoded" if encoded else "without a Content-Range"
+                why = f"{encoding}-encoded" if encoding else "without a Content-Range"
                 raise DownloadError(f"{url}: partial content {why}; restarting from byte 0")
             if start != have:
                 raise DownloadError(
@@ -118,14 +124,16 @@ def _fetch_into(url: str, part: Path, *, chunk_size: int, timeout: float) -> Non
             TransferSpeedColumn(),
         )
         with open(part, mode) as f, progress_bar(*columns) as progress:
-            task = progress.add_task(Path(part.name).stem, total=None if encoded else total, completed=have)
+            task = progress.add_task(Path(part.name).stem, total=None if encoding else total, completed=have)
             for chunk in resp.iter_content(chunk_size=chunk_size):
                 f.write(chunk)
                 progress.advance(task, len(chunk))
-        if encoded:
+        if encoding:
             wire = resp.raw.tell()  # bytes read off the socket, before decoding
             if total is not None and wire != total:
-                raise DownloadError(f"{url}: got {wire} gzip-encoded bytes, the server announced {total}")
+                raise DownloadError(
+                    f"{url}: got {wire} {encoding}-encoded bytes, the server announced {total}"
+                )
             return
     size = part.stat().st_size
     if total is not None and size != total:
@@ -142,7 +150,7 @@ def _accept_whole(url: str, part: Path, have: int, resp: requests.Response, time
     total = _content_range(resp.headers.get("Content-Range", ""))[1]
     if total is None:
         head = requests.head(url, headers=IDENTITY, allow_redirects=True, timeout=timeout)
-        if head.ok and not _encoded(head) and "Content-Length" in head.headers:
+        if head.ok and not _encoding(head) and "Content-Length" in head.headers:
             total = int(head.headers["Content-Length"])
     if total == have:
         return
