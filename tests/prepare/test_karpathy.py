@@ -79,3 +79,20 @@ def test_bad_split_files_are_one_line_errors(tmp_path, images, dataset, message)
 def test_needs_a_prepared_coco_root(tmp_path):
     with pytest.raises(UserError, match="no train2017 or val2017/; run `captioner-prepare coco`"):
         prepare_karpathy(tmp_path, tmp_path / "dataset_coco.json")
+
+
+def test_captioner_prepare_coco_karpathy(tmp_path, capsys):
+    from captioner.cli.prepare import main
+
+    root = coco_root(tmp_path, train_ids=[1, 2], val_ids=[3])
+    (root / "annotations").mkdir()
+    for split, ids in (("train2017", [1, 2]), ("val2017", [3])):
+        images = [{"id": i, "file_name": f"{i:012d}.jpg"} for i in ids]
+        captions = [{"id": i, "image_id": i, "caption": f"image {i}"} for i in ids]
+        (root / "annotations" / f"captions_{split}.json").write_text(
+            json.dumps({"images": images, "annotations": captions})
+        )
+    path = split_file(tmp_path, [(1, "train"), (2, "val"), (3, "test")])
+    assert main(["coco", "--root", str(root), "--source", str(root), "--karpathy", str(path)]) == 0
+    assert "karpathy_test 1 images" in capsys.readouterr().out
+    assert load_captions(root, "karpathy_val").image_ids == [2]

@@ -46,6 +46,11 @@ def _coco(args) -> None:
     print(
         f"COCO ready in {args.root}" + (f" (CLIP features in {args.root}/features)" if args.features else "")
     )
+    if args.karpathy:
+        from captioner.prepare.karpathy import prepare_karpathy
+
+        counts = prepare_karpathy(args.root, args.karpathy)
+        print("Karpathy splits: " + ", ".join(f"karpathy_{s} {n:,} images" for s, n in counts.items()))
 
 
 def _hellaswag(args) -> None:
@@ -114,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="a mirror of images.cocodataset.org with its layout (zips/..., annotations/...)",
     )
     p.add_argument("--features", action="store_true", help="also compute the CLIP feature cache")
+    p.add_argument(
+        "--karpathy",
+        metavar="dataset_coco.json",
+        default=None,
+        help="then write Karpathy's splits as karpathy_{train,val,test} (annotations + image links)",
+    )
     p.add_argument("--clip", default="openai/clip-vit-base-patch32")
     p.add_argument("--splits", nargs="+", default=["train2017", "val2017"])
     p.add_argument("--device", default=None, help="for --features: cuda | cpu (default: cuda when available)")

@@ -21,7 +21,7 @@ from captioner.errors import UserError, from_hub
 from captioner.models import generate as decoding
 from captioner.models.cross_attention import GatedCrossAttention
 from captioner.models.gpt import GPT, GPTConfig, lm_config_from_checkpoint, load_checkpoint
-from captioner.models.vision import VisionEncoder
+from captioner.models.vision import VisionEncoder, load_clip_vision
 from captioner.optim import parameter_counts
 from captioner.tokenizer import EOT, decode
 
@@ -283,9 +283,7 @@ def load_pretrained_weights(model: Captioner, lm: dict, vision: dict) -> None:
             raise UserError(f"LM weights do not fit: missing {missing}, unexpected {unexpected}")
         log.info("language model loaded from %s", lm.get("ckpt") or lm.get("hf"))
     if vision.get("clip"):
-        from transformers import CLIPVisionModel
-
-        clip = from_hub(CLIPVisionModel.from_pretrained, vision["clip"], "model.vision.clip")
+        clip = load_clip_vision(vision["clip"], "model.vision.clip")
         model.vision.clip.load_state_dict(clip.state_dict())
         log.info("CLIP loaded from %s", vision["clip"])
 
