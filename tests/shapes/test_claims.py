@@ -2,7 +2,7 @@
 
 import pytest
 
-from captioner.shapes.claims import claim_holds
+from tests.shapes.claims import claim_holds
 from tests.shapes.test_world import scene
 
 

@@ -4,9 +4,14 @@ import random
 
 import numpy as np
 
-from captioner.shapes.images import BACKGROUND, RGB, object_center_px, render_scene
-from captioner.shapes.world import SIZES, sample_scene
+from captioner.shapes.images import BACKGROUND, RGB, render_scene
+from captioner.shapes.world import SIZES, Obj, sample_scene
 from tests.shapes.test_world import scene
+
+
+def object_center_px(obj: Obj, image_size: int) -> tuple[int, int]:
+    """The (x, y) pixel containing the object's centre in an `image_size` render."""
+    return int(obj.x * image_size), int(obj.y * image_size)
 
 
 def test_rendering_puts_each_colour_at_its_object_centre():

@@ -4,9 +4,9 @@ import random
 from collections import Counter
 
 from captioner.shapes.accuracy import caption_matches_scene
-from captioner.shapes.claims import claim_holds
 from captioner.shapes.text import NUMBER_WORDS, QUESTION_KINDS, document, facts, hellaswag_rows, split_words
 from captioner.shapes.world import COLORS, SHAPES, Scene, sample_scene
+from tests.shapes.claims import claim_holds
 
 # Every word the world's English may use; a template that drifts outside it fails the corpus test.
 WORLD_WORDS = (

@@ -158,7 +158,7 @@ def build_feature_cache(
 
 
 class FeatureStore:
-    """Read one split's cache: `store[image_id]` → (N, D) float16 array (a copy; the cache is never mutated).
+    """Read one split's cache: `store.get(image_id)` → (N, D) float16 array (a copy; the cache is never mutated).
 
     The memmap is opened lazily in each process, so the store pickles cheaply into DataLoader workers.
     """
@@ -209,14 +209,6 @@ class FeatureStore:
         """(N, D) float16 features, or None if the image was unreadable when the cache was built."""
         r = self.row[image_id]
         return np.array(self.array[r]) if self.ok[r] else None
-
-    def __getitem__(self, image_id: int) -> np.ndarray:
-        if image_id not in self.row:
-            raise KeyError(f"{self.meta_path}: no image_id {image_id}")
-        feats = self.get(image_id)
-        if feats is None:
-            raise KeyError(f"{self.meta_path}: image_id {image_id} was unreadable when the cache was built")
-        return feats
 
 
 def check_cache_fits(features_dir: str | Path, split: str, *, clip: str | None, trainable) -> None:

@@ -7,7 +7,7 @@ import math
 from PIL import Image, ImageDraw
 
 from captioner.errors import UserError
-from captioner.shapes.world import GRID, RADIUS, SHAPES, Obj, Scene
+from captioner.shapes.world import GRID, RADIUS, SHAPES, Scene
 
 RGB = {
     "red": (230, 40, 40),
@@ -40,11 +40,6 @@ def _outline(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
             for rr, a in [((r if k % 2 == 0 else 0.48 * r), -math.pi / 2 + k * math.pi / 5)]
         ]
     raise UserError(f"unknown shape {shape!r}; expected one of {SHAPES}")
-
-
-def object_center_px(obj: Obj, image_size: int) -> tuple[int, int]:
-    """The (x, y) pixel containing the object's centre in an `image_size` render."""
-    return int(obj.x * image_size), int(obj.y * image_size)
 
 
 def render_scene(scene: Scene, image_size: int = 64, supersample: int = 4) -> Image.Image:

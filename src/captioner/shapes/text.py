@@ -29,8 +29,8 @@ NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "
 STYLES = ("list", "image", "count", "there", "position", "relation")
 QUESTION_KINDS = ("color", "shape", "size_color", "count", "relation")
 
-# The way back from words to the world, shared by the readers (`claims`, `accuracy`) so that a word the
-# writers gain is understood everywhere.
+# The way back from words to the world, shared by the readers (`accuracy`, the tests' claim reader) so that a
+# word the writers gain is understood everywhere.
 SIZE_OF = {word: size for size, spellings in SIZE_WORDS.items() for word in spellings}
 NUMBER_OF = {w: i for i, w in enumerate(NUMBER_WORDS)}
 # Nouns that count objects without naming a shape ("two objects"): {noun: whether it is plural}.

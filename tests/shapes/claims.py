@@ -1,12 +1,11 @@
 """Reading claims back: whether a sentence in the forms `text.facts` writes and the questions ask is true.
 
 The generator's check on itself: the tests require every fact, and exactly one ending of each question, to
-hold.
+hold. A sentence it cannot read is the generator's bug, so a plain ValueError.
 """
 
 from __future__ import annotations
 
-from captioner.errors import UserError
 from captioner.shapes.text import GENERIC_NOUNS, NUMBER_OF, SIZE_OF, split_words
 from captioner.shapes.world import COLORS, POSITIONS, RELATIONS, SHAPES, Obj, Scene, relation_holds
 
@@ -16,14 +15,14 @@ _CELL_OF = {phrase: cell for cell, phrase in POSITIONS.items()}
 def _resolve(words: list[str], i: int, scene: Scene, sentence: str) -> tuple[Obj, int]:
     """Read "the [size] [colour] (shape | object)" at words[i:]; the one object it names and the next index."""
     if i >= len(words) or words[i] != "the":
-        raise UserError(f"claim {sentence!r}: expected a reference starting with 'the' at word {i}")
+        raise ValueError(f"claim {sentence!r}: expected a reference starting with 'the' at word {i}")
     j = i + 1
     size = color = None
     while j < len(words) and (words[j] in SIZE_OF or words[j] in COLORS):
         size, color = (SIZE_OF[words[j]], color) if words[j] in SIZE_OF else (size, words[j])
         j += 1
     if j >= len(words) or not (words[j] in SHAPES or words[j] == "object"):
-        raise UserError(f"claim {sentence!r}: reference at word {i} has no shape or 'object'")
+        raise ValueError(f"claim {sentence!r}: reference at word {i} has no shape or 'object'")
     shape = words[j] if words[j] in SHAPES else None
     found = [
         o
@@ -33,7 +32,7 @@ def _resolve(words: list[str], i: int, scene: Scene, sentence: str) -> tuple[Obj
         and (color is None or o.color == color)
     ]
     if len(found) != 1:
-        raise UserError(
+        raise ValueError(
             f"claim {sentence!r}: {' '.join(words[i : j + 1])!r} names {len(found)} objects, not 1"
         )
     return found[0], j + 1
@@ -53,11 +52,11 @@ def claim_holds(scene: Scene | dict, sentence: str) -> bool:
         return NUMBER_OF[words[-1]] == n
     if len(words) == 4 and words[0] == "there" and words[1] in ("is", "are") and words[3] in GENERIC_NOUNS:
         if words[2] not in NUMBER_OF:
-            raise UserError(f"claim {sentence!r}: {words[2]!r} is not a number word")
+            raise ValueError(f"claim {sentence!r}: {words[2]!r} is not a number word")
         return NUMBER_OF[words[2]] == n
     obj, i = _resolve(words, 0, scene, sentence)
     if words[i : i + 1] != ["is"]:
-        raise UserError(f"claim {sentence!r}: expected 'is' after the reference")
+        raise ValueError(f"claim {sentence!r}: expected 'is' after the reference")
     pred = words[i + 1 :]
     if len(pred) == 1 and pred[0] in COLORS:
         return obj.color == pred[0]
@@ -70,7 +69,7 @@ def claim_holds(scene: Scene | dict, sentence: str) -> bool:
     if pred and pred[0] in ("a", "an") and pred[-1] in SHAPES:
         attrs = pred[1:-1]
         if not all(w in COLORS or w in SIZE_OF for w in attrs):
-            raise UserError(f"claim {sentence!r}: unexpected words {attrs} before the shape")
+            raise ValueError(f"claim {sentence!r}: unexpected words {attrs} before the shape")
         return obj.shape == pred[-1] and all(
             obj.color == w if w in COLORS else obj.size == SIZE_OF[w] for w in attrs
         )
@@ -79,6 +78,6 @@ def claim_holds(scene: Scene | dict, sentence: str) -> bool:
         if pred[: len(rel)] == rel:
             other, end = _resolve(pred, len(rel), scene, sentence)
             if end != len(pred):
-                raise UserError(f"claim {sentence!r}: trailing words {pred[end:]}")
+                raise ValueError(f"claim {sentence!r}: trailing words {pred[end:]}")
             return relation_holds(obj, other, relation)
-    raise UserError(f"claim {sentence!r}: cannot parse the predicate {' '.join(pred)!r}")
+    raise ValueError(f"claim {sentence!r}: cannot parse the predicate {' '.join(pred)!r}")
