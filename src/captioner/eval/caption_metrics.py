@@ -4,8 +4,8 @@ The scores come from pycocoevalcap's own scorers (`Bleu(4)`, `Rouge`, `Cider`, t
 are the reference numbers; COCO annotation and results files are indexed by pycocotools. The two backends
 differ only where pycocoevalcap needs Java:
 - "pycocoevalcap": Stanford PTBTokenizer (Java) and METEOR (Java; None when it fails).
-- "python": no Java. `ptb_tokenize`, a regex tokenizer that approximates PTBTokenizer, and METEOR None (it has
-  no pure-Python equivalent).
+- "python": no Java. `ptb_tokenize`, a pure-Python PTBTokenizer (the jar's tokens on caption text; its docstring
+  says where they part), and METEOR None (it has no pure-Python equivalent). Same tokens, same BLEU/ROUGE-L/CIDEr-D.
 "auto" picks pycocoevalcap when `java` is on PATH.
 
 Not pycocoevalcap's `COCOEvalCap`: it needs Java, computes SPICE (whose CoreNLP jars it downloads on first
@@ -16,8 +16,10 @@ Scale: BLEU, METEOR and ROUGE-L in 0..1; CIDEr-D unscaled (a paper's "CIDEr 113"
 
 from __future__ import annotations
 
+import functools
 import re
 import shutil
+import unicodedata
 import warnings
 from pathlib import Path
 
@@ -33,6 +35,9 @@ from captioner.errors import UserError
 METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider")
 BACKENDS = ("auto", "pycocoevalcap", "python")
 
+# ------------------------------------------------------------------------------------------------------------
+# Tokenisation
+
 _BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
 _SPLIT_WORDS = {
     "cannot": "can not",
@@ -42,66 +47,152 @@ _SPLIT_WORDS = {
     "gimme": "gim me",
     "lemme": "lem me",
 }
-# A trailing period stays on these (PTB's abbreviation list, the part that shows up in captions).
-_ABBREVIATIONS = {
-    "mr",
-    "mrs",
-    "ms",
-    "dr",
-    "st",
-    "jr",
-    "sr",
-    "vs",
-    "etc",
-    "mt",
-    "ft",
-    "ave",
-    "inc",
-    "co",
-    "ltd",
+# PTBLexer's abbreviations: the period stays on these wherever they stand (any case) ...
+_ABBREVIATION = re.compile(
+    r"jan|feb|mar|apr|jun|jul|aug|sept?|oct|nov|dec|mon|tues?|wed|thu|thurs|fri"  # months, days
+    r"|ala|ariz|calif|colo|conn|ct|dak|fla|ga|ind|kans?|ky|md|mich|minn|mo|mont|neb|nev|okla|penn|tenn|va|vt|wisc?|wyo"
+    r"|inc|cos?|corp|pt[ye]s?|ltd|plc|rt|bancorp|dept|bhd|assn|univ|intl|sys|invt|elec|natl|mfg|mtg"  # companies
+    r"|mrs?|ms|drs?|profs?|sens?|reps?|attys?|lt|col|gen|messrs|govs?|adm|rev|maj|sgt|cpl|pvt|capt|lieut|hon|brig"
+    r"|co?mdr|pfc|spc|supts?|det|m|mme|mlle|jr|sr|bros|ph\.d|ed\.d|esq|pres"  # titles
+    r"|mt|st|ste|ave|blvd|rd|ft|bldg|tel|est|ext|sq|etc|al|seq|vs|cf|alex|wm|jos|cie|treas",
+    re.IGNORECASE,
+)
+# ... on these only when capitalised (lower-case they are words: "ill.", "miss.") ...
+_CAPITALISED_ABBREVIATIONS = {"ark", "del", "ill", "la", "mass", "miss", "ore", "pa", "tex", "wash"}
+# ... and on these only before a number or a comma, colon or semicolon ("no. 5", "fig. 3").
+_NUMBER_ABBREVIATION = re.compile(r"nos?|figs?|ca|art|op|pp|prop", re.IGNORECASE)
+# Apostrophe-initial tokens PTB keeps whole; any other leading apostrophe is a quote ('hi' -> hi).
+_APOSTROPHE_WORD = re.compile(r"'(s|m|d|ll|re|ve|em|cause|til|till|n|[2-9]0s)", re.IGNORECASE)
+# Words with an inner apostrophe PTB keeps whole (o'clock, d'artagnan, ma'am); elsewhere it is a quote.
+_INNER_APOSTROPHE = re.compile(r"[a-hj-xz]'[^\W\d_]{2,}|[^\W\d_]*[aeiouy]'[aeiou][^\W\d_]*", re.IGNORECASE)
+# Non-ASCII characters PTBTokenizer rewrites; other symbols and these punctuation marks stand alone.
+_CHARS = {
+    "£": " # ",
+    "€": " $ ",
+    "¤": " $ ",
+    "₠": " $ ",
+    "¢": " cents ",
+    "¼": " 1/4 ",
+    "½": " 1/2 ",
+    "¾": " 3/4 ",
+    "⅓": " 1/3 ",
+    "⅔": " 2/3 ",
+    "’": "'",
+    "\xad": "",  # soft hyphen
+    **{c: " -- " for c in "‒–—―"},
+    **{c: " `` " for c in "“‘‛«‹"},  # quotes, which pycocoevalcap then removes
+    **{c: " '' " for c in "”»›"},
 }
+_OWN_TOKEN = set("¡§¶·¿‖‗†‡•‣‰‱′″‴‵‶‷‸※‾⁁⁂²³¹⅕⅖⅗⅘⅙⅚⅛⅜⅝⅞‚„‟")
+# Characters the jar's lexer does not know (punctuation, currency signs and number forms newer than its Unicode
+# tables, emoji): deleted, leaving a token boundary.
+_UNTOKENIZABLE = re.compile(
+    "[\u2024-\u2027\u203c\u203d\u2043\u2045-\u205e\u20a1-\u20a3\u20a5-\u20bf\u2150-\u2152"
+    "\u215f-\u2182\u2185-\u218b\U00010000-\U0010ffff]"
+)
+_NBSP = "\x00"
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Tokenisation
+@functools.cache
+def _rewrite_char(c: str) -> str:
+    """One non-ASCII character as PTBTokenizer sees it."""
+    if c in _CHARS:
+        return _CHARS[c]
+    category = unicodedata.category(c)
+    if _UNTOKENIZABLE.fullmatch(c) or category in ("Cf", "Cn", "Nl"):
+        return " "
+    if category in ("Sm", "So", "Sk", "Sc") or c in _OWN_TOKEN:
+        return f" {c} "
+    return c
+
+
+def _split_symbols(text: str) -> str:
+    """Space out what PTB makes a token of its own: symbols, brackets and punctuation (not inside numbers)."""
+    # "2 1/2" is one token, its space a no-break space (kept as _NBSP until the end, as str.split would split it)
+    text = re.sub(r"(?<![\w.,:/-])(\d+) (\d+/\d+)", rf"\1{_NBSP}\2 ", text)
+    if not text.isascii():
+        text = "".join(map(_rewrite_char, text))
+    # A signed number ends at its last digit ("-2nd" is "-2" "nd"; "2nd" is one word).
+    text = re.sub(r"(?<!\S)(-\d+(?:\.\d+)?)(?=[^\s\d.,:])", r"\1 ", text)
+    text = re.sub(r"[\"`]+", " '' ", text)  # quotes become `` and '' in PTB, which are then removed
+    for bracket, token in _BRACKETS.items():
+        text = text.replace(bracket, f" {token} ")
+    text = re.sub(r"(?<=\w)\.\.+(?=\w)", " ... ", text)  # a final "..." is the token's tail
+    text = re.sub(r"--+", " -- ", text)
+    text = re.sub(r"\*+|[=\\^|~%<>;]|[!?]+", lambda m: f" {m.group()} ", text)
+    text = re.sub(r"\+(?!\d)", " + ", text)
+    text = re.sub(r"(?<=\S)\+(?=\d)", " +", text)  # "+5" is a number
+    text = re.sub(r"(?<![A-Z])&|&(?![A-Z])", " & ", text)  # AT&T stays whole
+    text = re.sub(r"[A-Z]*\$", lambda m: f" {m.group()} ", text)  # US$ stays whole
+    text = re.sub(r"(?<=[^\s#])#", " #", text)
+    text = re.sub(r"#+(?=\d)|##+", lambda m: f"{m.group()} ", text)  # "#1" is two tokens, "#tag" one
+    text = re.sub(r"(?<=\w)@(?!\w)", " @", text)
+    text = re.sub(r"(?<![^\W_])/|/(?![^\W_])", " / ", text)  # "1/2" and "and/or" stay whole
+    text = re.sub(r"(?<!\w)_(?=[^\W_])|(?<=[^\W_])_(?!\w)", " _ ", text)
+    text = re.sub(r"[,:](?!\d)", lambda m: f" {m.group()} ", text)  # "1,000", "10:30" and ",5" stay whole
+    return re.sub(r"(?<=[^\d\s])(?=[,:]\d)", " ", text)
+
+
+def _split_apostrophes(text: str) -> str:
+    text = re.sub(r"(?<=\w)(n't|'s|'m|'d|'ll|'re|'ve)\b", r" \1", text, flags=re.IGNORECASE)
+    text = re.sub(r"(?<=\w)'n'(?=\w)", " 'n' ", text, flags=re.IGNORECASE)  # rock'n'roll
+    text = re.sub(r"\b([yY]')(?=[^\W\d_])", r"\1 ", text)  # y'all
+    return re.sub(r"(?i)(?<!\w)'t(?=is\b|was\b)", "'t ", text)  # 'tis
+
+
+def _is_abbreviation(word: str, following: str) -> bool:
+    """Whether PTB keeps the period after `word` ("mr" of "Mr.", "u.s" of "U.S.", "no" of "No. 5")."""
+    return bool(
+        _ABBREVIATION.fullmatch(word)
+        or (word[:1].isupper() and word.lower() in _CAPITALISED_ABBREVIATIONS)
+        or (
+            _NUMBER_ABBREVIATION.fullmatch(word) and (following[:1].isdigit() or following in (",", ";", ":"))
+        )
+        or re.fullmatch(r"[^\W\d_](\.[^\W\d_])*", word)  # initials and acronyms: "j.", "a.m."
+    )
+
+
+def _strip_hyphens(word: str) -> str:
+    return re.sub(r"^[-‐‑]+(?![.]?\d)|[-‐‑]+$", "", word)  # a number's minus sign stays
+
+
+def _clean_word(token: str, following: str) -> str:
+    """A whitespace-separated token without the hyphens, quotes and periods PTB splits off (and pycocoevalcap
+    then removes); the apostrophes of 'em, '90s, o'clock and n't and an abbreviation's period stay."""
+    if token.isalnum():
+        return token  # most words: nothing to split off
+    if token.lower() == "'n'" or token in _BRACKETS.values():
+        return token
+    if not token.strip("-"):
+        return token  # pycocoevalcap removes "-" and "--"
+    token = _strip_hyphens(re.sub(r"^\.+(?!\d)", "", token))
+    if re.fullmatch(r"['`]*y'", token, flags=re.IGNORECASE):  # y'all
+        return token.lstrip("'`")
+    core = token.rstrip(".'`")
+    if not _APOSTROPHE_WORD.fullmatch(core) and core != "'t":
+        core = core.lstrip("'`")
+    if token[len(token.rstrip(".'`")) :].startswith(".") and core and _is_abbreviation(core, following):
+        core += "."
+    if "'" in core.strip("'") and not (core.lower().endswith("n't") or _INNER_APOSTROPHE.fullmatch(core)):
+        return " ".join(_strip_hyphens(piece) for piece in core.split("'"))  # jack-o'-lantern
+    return core
 
 
 def ptb_tokenize(text: str) -> str:
-    """Approximate `PTBTokenizer -lowerCase` + pycocoevalcap's punctuation removal, as space-joined tokens.
-
-    The fallback for machines without Java: pycocoevalcap has no pure-Python tokenizer.
+    """`PTBTokenizer -lowerCase` (pycocoevalcap's jar) + pycocoevalcap's punctuation removal, as space-joined
+    tokens, without Java. The same tokens on caption text: words in any script and case, numbers (1,000 3.5
+    -5 10:30 $5 50% #1 1/2), contractions, possessives and quotes, hyphens and dashes, PTB's abbreviations,
+    brackets, symbols and emoji; tests/eval/test_caption_metrics.py holds it to the jar on ~900 captions. It
+    differs on URLs, emoticons, C++/C#, SGML tags, CJK and full-width punctuation, runs of mixed quote marks and
+    a few rarer PTB rules (tests/eval/tricky_captions.py, PTB_DIFFERENCES).
     """
-    text = " ".join(text.splitlines()).lower()
-    text = re.sub(r"[\"“”]", " ", text)  # double quotes become `` and '' in PTB, which are then removed
-    text = text.replace("’", "'").replace("‘", " ` ")
-    for bracket, token in _BRACKETS.items():
-        text = text.replace(bracket, f" {token} ")
-    text = re.sub(r"\.\.+|…", " ... ", text)
-    text = re.sub(r"--+", " -- ", text)
-    text = re.sub(r"[!?]+", lambda m: f" {m.group()} ", text)
-    text = re.sub(r";", " ; ", text)
-    text = re.sub(r"(?<!\d)([,:])|([,:])(?!\d)", r" \1\2 ", text)  # "1,000" and "10:30" stay whole
-    text = re.sub(r"([$%])", r" \1 ", text)
-    text = re.sub(r"#(?=\d)", " # ", text)
-    text = re.sub(r"(?<=\w)(n't|'s|'m|'d|'ll|'re|'ve)\b", r" \1", text)
-
+    words = _split_apostrophes(_split_symbols(" ".join(text.splitlines()))).split()
     tokens = []
-    for token in text.split():
-        # Quotes and hyphens at a word's edge are separate (then removed) tokens; inside a word they stay.
-        if re.match(r"[`'][^\d`']", token) and not re.fullmatch(r"'(s|m|d|ll|re|ve)", token):
-            token = token[1:]
-        if re.search(r"[^`']'$", token) and not token.endswith("n't"):
-            token = token[:-1]
-        if token not in _BRACKETS.values():
-            token = token.strip("-") or token
-        # A sentence-final period is split off, except from abbreviations ("a.m.", "mr.") and initials.
-        if token.endswith(".") and len(token) > 1:
-            stem = token[:-1]
-            if not ("." in stem or stem in _ABBREVIATIONS or (len(stem) == 1 and stem.isalpha())):
-                token = stem
-        tokens.extend(_SPLIT_WORDS.get(token, token).split())
+    for i, token in enumerate(words):
+        for word in _clean_word(token, words[i + 1] if i + 1 < len(words) else "").split():
+            tokens.extend(_SPLIT_WORDS.get(word.lower(), word.lower()).split())
     # pycocoevalcap drops its PUNCTUATIONS after lower-casing, so bracket tokens ("-lrb-") survive, as here.
-    return " ".join(t for t in tokens if t not in PUNCTUATIONS)
+    return " ".join(t for t in tokens if t not in PUNCTUATIONS).replace(_NBSP, "\xa0")
 
 
 def tokenize_java(captions: dict) -> dict:
@@ -213,17 +304,6 @@ class CaptionScorer:
 
 # ------------------------------------------------------------------------------------------------------------
 # COCO files
-
-
-def load_predictions(path: str | Path) -> dict[int, str]:
-    """COCO results format `[{"image_id": …, "caption": …}, …]` → {image_id: caption} (one per image)."""
-    # Without an annotation set there is nothing for pycocotools' loadRes to load the results against.
-    return {entry["image_id"]: entry["caption"] for entry in load_results(path)}
-
-
-def load_references(path: str | Path) -> dict[int, list[str]]:
-    """COCO captions file → {image_id: [caption, …]} for the images that have captions."""
-    return {i: [a["caption"] for a in anns] for i, anns in load_annotations(path).imgToAnns.items()}
 
 
 def score_results_file(
