@@ -28,7 +28,7 @@ def test_experiment_composes_and_resolves(experiment, tmp_path):
     # paths.run_dir interpolates ${hydra:...}, only available inside a run: stub it as Hydra would.
     cfg_no_hydra.paths.run_dir = str(tmp_path)
     OmegaConf.resolve(cfg_no_hydra)
-    for key in ("seed", "ckpt_path", "trainer", "model", "data"):
+    for key in ("seed", "ckpt_path", "keep_freed_memory", "trainer", "model", "data"):
         assert key in cfg_no_hydra, key
     assert cfg_no_hydra.name == experiment
     assert cfg_no_hydra.trainer.use_distributed_sampler is False

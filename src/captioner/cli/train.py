@@ -30,8 +30,9 @@ from captioner.training.callbacks.plots import plot_metrics
 from captioner.training.loggers import truncate_metrics_after
 
 log = logging.getLogger("captioner.train")
+LIGHTNING_INFO = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
 # Lightning advertises its hosted logger at every fit; the run's own lines are what the terminal is for.
-for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+for _name in LIGHTNING_INFO:
     logging.getLogger(_name).addFilter(lambda record: not str(record.msg).startswith("💡 Tip"))
 
 # The repository's top-level configs/, reached through the package's `configs` link in a checkout (editable
@@ -46,18 +47,43 @@ def instantiate_all(group: DictConfig | None) -> list:
     return [hydra.utils.instantiate(c, _convert_="all") for c in group.values() if c is not None]
 
 
-def derive_step_settings(trainer: L.Trainer, datamodule, cfg: DictConfig) -> None:
-    """Accumulation follows from the batch recipe and the world size; validation cadence is in optimizer steps."""
+def derive_step_settings(cfg: DictConfig, datamodule) -> dict:
+    """The Trainer arguments that follow from the rest of the config, for the Trainer's constructor: accumulation
+    from the batch recipe and the world size; the validation cadence in optimizer steps."""
+    probe = probe_trainer(cfg)
+    accum = probe.accumulate_grad_batches  # the configured one, or Lightning's default
     if hasattr(datamodule, "grad_accum_steps"):
-        accum = datamodule.grad_accum_steps(trainer.world_size)
-        if "accumulate_grad_batches" in cfg.trainer and cfg.trainer.accumulate_grad_batches != accum:
+        derived = datamodule.grad_accum_steps(probe.world_size)
+        if "accumulate_grad_batches" in cfg.trainer and accum != derived:
             raise UserError(
-                f"trainer.accumulate_grad_batches={cfg.trainer.accumulate_grad_batches} contradicts "
-                f"data.total_batch_tokens (which gives {accum} at world size {trainer.world_size}); set one"
+                f"trainer.accumulate_grad_batches={accum} contradicts data.total_batch_tokens (which gives "
+                f"{derived} at world size {probe.world_size}); set one"
             )
-        trainer.accumulate_grad_batches = accum
+        accum = derived
     # Loaders are endless streams, so Lightning counts validation intervals in micro-batches.
-    trainer.val_check_interval = cfg.val_every_n_steps * trainer.accumulate_grad_batches
+    return {"accumulate_grad_batches": accum, "val_check_interval": cfg.val_every_n_steps * accum}
+
+
+def probe_trainer(cfg: DictConfig) -> L.Trainer:
+    """A Trainer of cfg.trainer built only to be asked what Lightning makes of it: the world size follows from
+    devices and num_nodes, and under torchrun or SLURM from the cluster environment. No loggers, no callbacks;
+    its device lines stay unprinted (the Trainer that runs prints them)."""
+    quiet = dict(
+        logger=False,
+        callbacks=[],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    loggers = [logging.getLogger(name) for name in LIGHTNING_INFO]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        return L.Trainer(**{**trainer_arguments(cfg), **quiet})
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def build_module(model: DictConfig) -> L.LightningModule:
@@ -85,7 +111,7 @@ def check_inputs(cfg: DictConfig, datamodule: L.LightningDataModule) -> int | No
     if hellaswag.get("path"):
         load_examples(hellaswag.path, limit=hellaswag.get("limit"))
     if cfg.ckpt_path:
-        return check_resume_checkpoint(cfg.ckpt_path, caption="lm" in cfg.model)
+        return check_resume_checkpoint(cfg.ckpt_path, caption="lm" in cfg.model or "init_ckpt" in cfg.model)
     return None
 
 
@@ -108,13 +134,13 @@ def strategy_name(trainer: DictConfig) -> str:
     )
 
 
-def make_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
-    """The Lightning Trainer from cfg.trainer; a `strategy` given as a config with `_target_` (trainer=fsdp's
-    wrap policy) is instantiated first."""
+def trainer_arguments(cfg: DictConfig) -> dict:
+    """cfg.trainer as the Trainer's keyword arguments; a `strategy` given as a config with `_target_`
+    (trainer=fsdp's wrap policy) is instantiated."""
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     if isinstance(kwargs.get("strategy"), dict):
         kwargs["strategy"] = hydra.utils.instantiate(cfg.trainer.strategy)
-    return L.Trainer(**kwargs, logger=loggers, callbacks=callbacks)
+    return kwargs
 
 
 def check_resume_checkpoint(path: str, caption: bool) -> int:
@@ -131,31 +157,43 @@ def check_resume_checkpoint(path: str, caption: bool) -> int:
     return int(ckpt["global_step"])
 
 
-def log_run_config(trainer: L.Trainer, cfg: DictConfig) -> None:
-    """Send what actually runs to every logger: the resolved config and what captioner-train derived from it."""
+def log_run_config(trainer: L.Trainer, cfg: DictConfig, derived: dict) -> None:
+    """Send what actually runs to every logger: the resolved config, its trainer section with the arguments
+    captioner-train derived (`derived`), and the world size."""
     choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
-    derived = {
-        "experiment": choices.get("experiment", cfg.get("name")),
-        "world_size": trainer.world_size,
-        "accumulate_grad_batches": trainer.accumulate_grad_batches,
-        "val_check_interval": trainer.val_check_interval,
-    }
+    run = {"experiment": choices.get("experiment", cfg.get("name")), "world_size": trainer.world_size}
     config = OmegaConf.to_container(cfg, resolve=True)
+    config["trainer"].update(derived)
     for logger in trainer.loggers:
-        logger.log_hyperparams({"run": derived, "config": config})
+        logger.log_hyperparams({"run": run, "config": config})
 
 
 def keep_freed_memory() -> None:
     """Training on a CPU: glibc hands every block over 32 MB back to the kernel when it is freed (mmap/munmap), so
     each step page-faults its logits and activations in afresh; on the demo model the kernel zeroing pages took
     half of every step (800k page faults). Serving every block from the heap and not trimming it keeps freed memory
-    for the next step: the process holds its peak, as CUDA's caching allocator does. glibc only."""
+    for the next step: the process holds its peak, as CUDA's caching allocator does. glibc only. It changes the
+    whole process for good, so captioner-train asks for it (KeepFreedMemory) and train() alone never does."""
     if platform.libc_ver()[0] != "glibc":
         return
     libc = ctypes.CDLL(None)
     m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
     libc.mallopt(m_mmap_max, 0)
     libc.mallopt(m_trim_threshold, 2**31 - 1)  # an int: 2 GiB of free heap top before any is returned
+
+
+class KeepFreedMemory(L.Callback):
+    """keep_freed_memory() in each process of a run whose accelerator is the CPU, as Lightning resolved
+    trainer.accelerator (`auto` included)."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if isinstance(trainer.accelerator, CPUAccelerator):
+            keep_freed_memory()
+
+
+def cli_callbacks(cfg: DictConfig) -> list:
+    """What captioner-train adds to a run beyond train(cfg): the process-wide settings the config asks for."""
+    return [KeepFreedMemory()] if cfg.keep_freed_memory else []
 
 
 @dataclass
@@ -167,6 +205,7 @@ class RunSettings:
     val_every_n_steps: int
     ckpt_every_n_steps: int
     validate_at_end: bool
+    keep_freed_memory: bool
 
 
 def check_config_types(cfg: DictConfig) -> None:
@@ -187,15 +226,14 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict:
     check_config_types(cfg)
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
     resume_step = check_inputs(cfg, datamodule)
+    derived = derive_step_settings(cfg, datamodule)
     module = build_module(cfg.model)
     loggers = instantiate_all(cfg.get("logger"))
     if cfg.ckpt_path:
         truncate_metrics_after(loggers, resume_step)
-    trainer = make_trainer(cfg, instantiate_all(cfg.get("callbacks")) + list(callbacks or []), loggers)
-    derive_step_settings(trainer, datamodule, cfg)
-    if isinstance(trainer.accelerator, CPUAccelerator):
-        keep_freed_memory()
-    log_run_config(trainer, cfg)
+    callbacks = instantiate_all(cfg.get("callbacks")) + list(callbacks or [])
+    trainer = L.Trainer(**{**trainer_arguments(cfg), **derived}, logger=loggers, callbacks=callbacks)
+    log_run_config(trainer, cfg, derived)
     log.info(
         "run dir %s | world size %d | accumulation %d",
         run_dir,
@@ -244,7 +282,7 @@ def _hydra_main(cfg: DictConfig) -> None:
         sys.exit(2)
     try:
         with error_boundary("captioner-train", also=(OmegaConfBaseException,)):
-            train(cfg)
+            train(cfg, callbacks=cli_callbacks(cfg))
     except DivergedError as err:  # not a mistake but an outcome: the run stopped, its last good weights kept
         print(f"captioner-train: {err}", file=sys.stderr)
         sys.exit(1)
