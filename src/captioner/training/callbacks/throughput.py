@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
 
 import lightning.pytorch as pl
 import torch
@@ -76,14 +75,14 @@ def batch_tokens(batch) -> int:
     """
     if isinstance(batch, dict):
         if "input_ids" not in batch:
-            raise KeyError(f"batch dict has no 'input_ids' (keys: {sorted(batch)}); pass tokens_per_batch_fn")
+            raise KeyError(f"batch dict has no 'input_ids' (keys: {sorted(batch)}): no tokens to count")
         ids = batch["input_ids"]
     elif isinstance(batch, (tuple, list)) and batch:
         ids = batch[0]
     else:
         ids = batch
     if not isinstance(ids, torch.Tensor):
-        raise TypeError(f"cannot count tokens in a batch of {type(ids).__name__}; pass tokens_per_batch_fn")
+        raise TypeError(f"cannot count tokens in a batch of {type(ids).__name__}")
     return ids.numel()
 
 
@@ -95,27 +94,19 @@ class ThroughputCallback(pl.Callback):
     measured. Tokens and FLOPs are counted per micro-batch; tokens are multiplied by the world size (every rank
     sees as many), and MFU compares one rank's FLOP/s with one GPU's peak.
 
-    FLOPs per micro-batch: `flops_per_batch_fn(batch)`, else the module's `flops_per_batch(batch)`; either may
-    return a 0-d tensor (e.g. a count of targets), summed on the device and read once per logged step, after the
-    clock's synchronize, so counting adds no host sync. peak_flops: per GPU; by default from `PEAK_FLOPS` at the
+    FLOPs per micro-batch: the module's `flops_per_batch(batch)` (no MFU without one); it may return a 0-d tensor
+    (e.g. a count of targets), summed on the device and read once per logged step, after the clock's synchronize,
+    so counting adds no host sync. peak_flops: per GPU; by default from `PEAK_FLOPS` at the
     trainer's precision.
     """
 
-    def __init__(
-        self,
-        tokens_per_batch_fn: Callable[[object], int] | None = None,
-        flops_per_batch_fn: Callable[[object], float | torch.Tensor] | None = None,
-        peak_flops: float | None = None,
-        log_every_n_steps: int = 1,
-    ):
+    def __init__(self, peak_flops: float | None = None, log_every_n_steps: int = 1):
         super().__init__()
         if log_every_n_steps < 1:
             raise UserError(f"log_every_n_steps must be >= 1, got {log_every_n_steps}")
-        self.tokens_per_batch_fn = tokens_per_batch_fn or batch_tokens
-        self.flops_per_batch_fn = flops_per_batch_fn
         self.peak_flops = peak_flops
         self.log_every_n_steps = log_every_n_steps
-        self._flops_fn = flops_per_batch_fn
+        self._flops_fn = None
         self._peak = peak_flops
         self._reset()
 
@@ -135,7 +126,7 @@ class ThroughputCallback(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._reset()
         self._last_step = trainer.global_step  # not 0 when resuming
-        self._flops_fn = self.flops_per_batch_fn or getattr(pl_module, "flops_per_batch", None)
+        self._flops_fn = getattr(pl_module, "flops_per_batch", None)
         self._peak = self.peak_flops
         if self._peak is None:
             self._peak = default_peak_flops(pl_module.device, trainer.precision)
@@ -143,7 +134,7 @@ class ThroughputCallback(pl.Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx
     ):
-        self._window_tokens += int(self.tokens_per_batch_fn(batch))
+        self._window_tokens += batch_tokens(batch)
         if self._flops_fn is not None and self._peak is not None:
             self._window_flops = self._window_flops + self._flops_fn(batch)
         step = trainer.global_step
