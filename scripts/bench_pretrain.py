@@ -546,7 +546,7 @@ def run_captioner_train(
     a step clock appended to its callbacks; its console output is captured."""
     from hydra import compose, initialize_config_dir
 
-    from captioner.cli.train import CONFIG_DIR, train
+    from captioner.cli.train import CONFIG_DIR, cli_callbacks, train
 
     quiet_lightning()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
@@ -555,7 +555,7 @@ def run_captioner_train(
         )
     timer = StepTimer()
     with contextlib.redirect_stdout(io.StringIO()):
-        metrics = train(cfg, callbacks=[timer])
+        metrics = train(cfg, callbacks=[timer, *cli_callbacks(cfg)])  # as the command runs it
     flops = GPT(setup.gpt_config()).flops_per_token(setup.seq_len)
     return _result(
         "captioner-train", setup, timer.times, metrics["train/loss"], device, flops, timer.cpu_times
