@@ -204,6 +204,8 @@ class RunSettings:
     ckpt_path: str | None
     val_every_n_steps: int
     ckpt_every_n_steps: int
+    ckpt_keep_every_n_steps: int | None
+    validate_at_start: bool
     validate_at_end: bool
     keep_freed_memory: bool
 
@@ -243,6 +245,10 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict:
     if not cfg.ckpt_path and hasattr(module, "load_pretrained"):
         module.load_pretrained()  # fresh run: stage-1 LM / CLIP weights (a resumed run restores its own)
     log.info("parameters: {trainable:,} trainable, {frozen:,} frozen".format(**parameter_counts(module)))
+    if (
+        cfg.validate_at_start and not cfg.ckpt_path
+    ):  # the curves start at the untrained model, as build-nanogpt's
+        trainer.validate(module, datamodule=datamodule, verbose=False)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     if cfg.validate_at_end and trainer.global_step % cfg.val_every_n_steps != 0:
         trainer.validate(module, datamodule=datamodule, verbose=False)
