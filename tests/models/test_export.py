@@ -10,6 +10,7 @@ import torch
 
 from captioner.errors import UserError
 from captioner.models.captioner import CONFIG_FILE, WEIGHTS_FILE, build_captioner, load_captioner
+from captioner.models.compact_vocab import CompactVocabConfig, build_lm, lm_config
 from captioner.models.export import (
     CAPTION,
     LM,
@@ -126,10 +127,14 @@ def test_stage1_export_refuses_a_vocab_smaller_than_gpt2s(tmp_path):
     assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == [tmp_path / "lm.ckpt"]
 
 
-def test_stage1_export_refuses_an_lm_over_part_of_the_vocabulary(tmp_path):
-    model = GPT(GPTConfig.named("tiny", vocab_ids=[5, 9, EOT]))
-    save_lightning_checkpoint(tmp_path / "lm.ckpt", {"gpt": dataclasses.asdict(model.config)}, model)
-    with pytest.raises(ValueError, match="reads and writes only 3 token ids"):
+@pytest.mark.parametrize("layout", ["now", "before CompactVocabConfig"])
+def test_stage1_export_refuses_an_lm_over_a_compact_vocabulary(tmp_path, layout):
+    model = build_lm(CompactVocabConfig.named("tiny", vocab_ids=[5, 9, EOT]))
+    fields = dataclasses.asdict(model.config)
+    if layout != "now":  # GPTConfig held vocab_ids, with GPT-2's vocab_size beside them
+        fields["vocab_size"] = 50304
+    save_lightning_checkpoint(tmp_path / "lm.ckpt", {"gpt": fields}, model)
+    with pytest.raises(UserError, match="reads and writes only 3 token ids"):
         export_checkpoint(tmp_path / "lm.ckpt", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -141,7 +146,7 @@ def test_stage1_export_refuses_an_lm_over_part_of_the_vocabulary(tmp_path):
 def tiny_caption_checkpoint(path, lm_source: dict | None = None, **lm_overrides):
     """A tiny captioner with open gates, saved the way a caption run saves it; returns the model."""
     torch.manual_seed(0)
-    lm = {"config": dataclasses.asdict(GPTConfig.named("tiny", **lm_overrides))}
+    lm = {"config": dataclasses.asdict(lm_config({"name": "tiny", **lm_overrides}))}
     vision = {"clip": None, "clip_config": TINY_CLIP}
     model = build_captioner(lm, vision, cross_every=1).eval()
     with torch.no_grad():
@@ -161,7 +166,16 @@ def tiny_caption_checkpoint(path, lm_source: dict | None = None, **lm_overrides)
     return model
 
 
-@pytest.mark.parametrize("lm_overrides", [{}, {"vocab_ids": (3, 17, 256, 1000, 42_000, EOT)}])
+COMPACT = pytest.param(
+    {"vocab_ids": (3, 17, 256, 1000, 42_000, EOT)},
+    # until models/captioner.py builds its LM with compact_vocab.build_lm (requested of its owner)
+    marks=pytest.mark.xfail(
+        raises=TypeError, strict=True, reason="build_captioner calls GPTConfig(**fields)"
+    ),
+)
+
+
+@pytest.mark.parametrize("lm_overrides", [{}, COMPACT])
 def test_caption_export_reads_back_identical(tmp_path, lm_overrides):
     model = tiny_caption_checkpoint(
         tmp_path / "c.ckpt", {"ckpt": "/elsewhere/stage1/last.ckpt"}, **lm_overrides
@@ -174,8 +188,8 @@ def test_caption_export_reads_back_identical(tmp_path, lm_overrides):
     assert all((p.stat().st_mode & 0o777) == 0o666 & ~umask for p in (tmp_path / "out").iterdir())
     config = json.loads((tmp_path / "out" / CONFIG_FILE).read_text())
     # plain data, no optimizer, no pointer to the stage-1 file the weights came from
-    lm_config = dataclasses.asdict(GPTConfig.named("tiny", **lm_overrides))
-    assert config["lm"] == {"config": json.loads(json.dumps(lm_config))}
+    fields = dataclasses.asdict(lm_config({"name": "tiny", **lm_overrides}))
+    assert config["lm"] == {"config": json.loads(json.dumps(fields))}
     assert config["generation"] == {"max_new_tokens": 7, "num_beams": 2} and "optim" not in config
 
     loaded, hparams = load_captioner(tmp_path / "out")

@@ -22,7 +22,8 @@ import torch
 from captioner.errors import UserError
 from captioner.io import make_shareable
 from captioner.models.captioner import CAPTIONER_KEYS, load_captioner, save_captioner
-from captioner.models.gpt import GPT, HF_TRANSPOSED, load_checkpoint
+from captioner.models.compact_vocab import CompactVocabGPT, build_lm, lm_config
+from captioner.models.gpt import GPT, HF_TRANSPOSED, load_checkpoint, read_lm_checkpoint
 from captioner.tokenizer import EOT, N_VOCAB, gpt2_encoding
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,8 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, *, force:
         raise UserError(f"{ckpt} is inside {out}: replacing {out} would delete the checkpoint")
     kind = checkpoint_kind(load_checkpoint(ckpt), ckpt)
     if kind == LM:
-        model = GPT.from_lightning_checkpoint(ckpt)
+        fields, weights = read_lm_checkpoint(ckpt)
+        model = build_lm(lm_config(fields, ckpt), weights)
         with fresh_directory(out) as tmp:
             save_hf_gpt2(model, tmp)
             write_tokenizer_files(tmp, model.config.block_size)
@@ -140,17 +142,17 @@ def hf_gpt2_config(model: GPT):
 
 def hf_gpt2_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     """Our GPT's weights in HF GPT-2's layout: Conv1D matrices transposed, the first N_VOCAB rows of wte/lm_head."""
+    if isinstance(model, CompactVocabGPT):
+        raise UserError(
+            f"this GPT reads and writes only {model.config.vocab_size} token ids (CompactVocabConfig.vocab_ids): "
+            "transformers' GPT-2 has no way to give the others zero probability"
+        )
     if model.config.vocab_size < N_VOCAB:
         raise UserError(
             f"vocab_size {model.config.vocab_size} is smaller than GPT-2's {N_VOCAB}: not a GPT-2 tokenizer model"
         )
     if len(model.cross):
         raise UserError("this GPT has cross-attention layers: export the captioner instead")
-    if model.config.vocab_ids is not None:
-        raise UserError(
-            f"this GPT reads and writes only {len(model.config.vocab_ids)} token ids (GPTConfig.vocab_ids): "
-            "transformers' GPT-2 has no way to give the others zero probability"
-        )
     sd = {}
     for key, value in model.state_dict().items():
         if key in ("transformer.wte.weight", "lm_head.weight"):

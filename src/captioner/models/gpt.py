@@ -10,7 +10,6 @@ with nothing but a transpose of the Conv1D matrices (`GPT.from_pretrained`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +22,6 @@ import torch.nn.functional as F
 from captioner.errors import UserError, from_hub
 from captioner.models.kv_cache import KVCache
 from captioner.models.loss import linear_cross_entropy
-from captioner.tokenizer import EOT
 
 # --------------------------------------------------------------------------------------------------------------
 # config
@@ -36,10 +34,6 @@ class GPTConfig:
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
-    # The token ids the model reads and writes, when it covers only part of the vocabulary (a synthetic corpus):
-    # one embedding / output row per listed id, zero probability for every other id (see `GPT`). None: all.
-    vocab_ids: tuple[int, ...] | None = None
-    wte_std: float = 0.02  # init std of the token embedding (tied with the output layer)
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -50,17 +44,6 @@ class GPTConfig:
             raise UserError(
                 f"GPTConfig.n_embd ({self.n_embd}) must be divisible by GPTConfig.n_head ({self.n_head})"
             )
-        std = self.wte_std
-        if isinstance(std, bool) or not isinstance(std, int | float) or not std > 0:
-            raise UserError(f"GPTConfig.wte_std must be a positive number, got {std!r}")
-        self.wte_std = float(std)
-        if self.vocab_ids is not None:
-            self.vocab_ids = _checked_vocab_ids(self.vocab_ids, self.vocab_size)
-
-    @property
-    def n_rows(self) -> int:
-        """Rows of the token embedding and the output layer: one per readable token id."""
-        return self.vocab_size if self.vocab_ids is None else len(self.vocab_ids)
 
     @classmethod
     def named(cls, name: str, **overrides) -> GPTConfig:
@@ -70,13 +53,16 @@ class GPTConfig:
         return cls(**{**NAMED_CONFIGS[name], **overrides})
 
     @classmethod
-    def resolve(cls, spec: dict | str) -> GPTConfig:
-        """`{"name": "gpt2_124m", **overrides}`, a bare name, or explicit fields (how configs spell a shape)."""
+    def resolve(cls, spec: dict | str, source: object = "GPTConfig") -> GPTConfig:
+        """`{"name": "gpt2_124m", **overrides}`, a bare name, or explicit fields (how configs and checkpoints
+        spell a shape); a key that is not a field is a UserError naming `source`."""
         if isinstance(spec, str):
             return cls.named(spec)
         spec = dict(spec)
-        if isinstance(spec.get("vocab_ids"), str | os.PathLike):
-            spec["vocab_ids"] = read_vocab_ids(spec["vocab_ids"])
+        fields = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(spec) - {"name", *fields})
+        if unknown:
+            raise UserError(f"{source}: {cls.__name__} has no fields {unknown} (its fields: {fields})")
         name = spec.pop("name", None)
         return cls.named(name, **spec) if name else cls(**spec)
 
@@ -92,38 +78,6 @@ class GPTConfig:
             n_head=hf_config.n_head,
             n_embd=hf_config.n_embd,
         )
-
-
-def _checked_vocab_ids(ids, vocab_size: int) -> tuple[int, ...]:
-    """`ids` as a sorted tuple, or a ValueError naming what is wrong with them."""
-    if isinstance(ids, str | bytes) or not hasattr(ids, "__iter__"):
-        raise UserError(f"GPTConfig.vocab_ids must be a list of token ids or a JSON file, got {ids!r}")
-    ids = list(ids)
-    bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size]
-    if bad or not ids:
-        raise UserError(
-            f"GPTConfig.vocab_ids must be distinct token ids in [0, {vocab_size}), got {bad[:5] or 'an empty list'}"
-        )
-    if len(set(ids)) != len(ids):
-        raise UserError("GPTConfig.vocab_ids lists a token id twice")
-    if EOT not in ids:
-        # Documents start with EOT, and ids outside the list read as it.
-        raise UserError(f"GPTConfig.vocab_ids must include <|endoftext|> ({EOT})")
-    return tuple(sorted(ids))
-
-
-def read_vocab_ids(path: str | os.PathLike) -> list[int]:
-    """The token ids listed in a JSON file (as `captioner-prepare shapes` writes `vocab_ids.json`)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"vocab_ids file not found: {path} (captioner-prepare shapes writes one)")
-    try:
-        ids = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(ids, list):
-        raise UserError(f"{path}: expected a JSON list of token ids, got {type(ids).__name__}")
-    return ids
 
 
 NAMED_CONFIGS: dict[str, dict[str, int]] = {
@@ -212,49 +166,38 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """GPT-2. With `config.vocab_ids` the embedding and the output layer hold one row per listed id (a model of a
-    synthetic corpus then spends nothing on the tokens it never sees): inputs are mapped to rows (ids outside
-    the list read as <|endoftext|>), the loss is over the rows, and logits come back over all vocab_size ids,
-    the dtype's lowest value (probability 0) for the ids not listed, so callers keep working in GPT-2 ids."""
+    """GPT-2."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        if config.vocab_ids is not None:
-            ids = torch.tensor(config.vocab_ids)  # (n_rows,) sorted
-            rows = torch.full((config.vocab_size,), ids.tolist().index(EOT), dtype=torch.long)
-            rows[ids] = torch.arange(len(ids))
-            # Derived from the config, not weights: kept out of the state dict, whose keys stay GPT-2's.
-            self.register_buffer("row_of_id", rows, persistent=False)  # (vocab_size,)
-            self.register_buffer("id_of_row", ids, persistent=False)  # (n_rows,)
         self.transformer = nn.ModuleDict(
             dict(
-                wte=nn.Embedding(config.n_rows, config.n_embd),
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
                 wpe=nn.Embedding(config.block_size, config.n_embd),
                 h=nn.ModuleList([Block(config.n_embd, config.n_head) for _ in range(config.n_layer)]),
                 ln_f=nn.LayerNorm(config.n_embd),
             )
         )
-        self.lm_head = nn.Linear(config.n_embd, config.n_rows, bias=False)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying: one matrix embeds and un-embeds
         # Optional layers run after block int(key); empty for a plain LM, so its state-dict keys are GPT-2's.
         self.cross = nn.ModuleDict()
         self._init_weights()
 
     def _init_weights(self) -> None:
-        """N(0, 0.02) everywhere; residual projections (c_proj) scaled by (2 * n_layer)^-0.5 because two of
-        them (attention and MLP) add into the residual stream per block; the tied token embedding N(0, wte_std)
-        (lm_head is the last module to initialise it); biases zero."""
-        residual_std = 0.02 * (2 * self.config.n_layer) ** -0.5
+        """Weights N(0, init_std(name)), module by module in definition order; biases zero."""
         for name, module in self.named_modules():
-            if isinstance(module, nn.Linear):
-                std = residual_std if name.endswith("c_proj") else 0.02
-                std = self.config.wte_std if module is self.lm_head else std
-                torch.nn.init.normal_(module.weight, mean=0.0, std=std)
-                if module.bias is not None:
-                    torch.nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if isinstance(module, nn.Linear | nn.Embedding):
+                torch.nn.init.normal_(module.weight, mean=0.0, std=self.init_std(name))
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+
+    def init_std(self, name: str) -> float:
+        """GPT-2's init std of module `name`'s weight: 0.02, the residual projections (c_proj) scaled by
+        (2 * n_layer)^-0.5 because two of them (attention and MLP) add into the residual stream per block.
+        A subclass may change one module's std here and keep every draw, in order (models/compact_vocab.py)."""
+        return 0.02 * (2 * self.config.n_layer) ** -0.5 if name.endswith("c_proj") else 0.02
 
     def insert_cross_attention(self, every: int, make_layer: Callable[[int], nn.Module]) -> None:
         """Add `make_layer(i)` after each block i with (i + 1) % every == 0 (every=2 on 12 layers: 6 layers).
@@ -294,25 +237,12 @@ class GPT(nn.Module):
         return logits, loss
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """The output layer: hidden states (..., C) → logits (..., vocab_size) over token ids."""
-        logits = self.lm_head(x)  # (..., n_rows)
-        if self.config.vocab_ids is None:
-            return logits
-        # The lowest finite value rather than -inf: softmax still gives the other ids exactly 0, and a loss
-        # masked by multiplication (padding × 0) stays 0 instead of NaN.
-        lowest = torch.finfo(logits.dtype).min
-        full = logits.new_full((*logits.shape[:-1], self.config.vocab_size), lowest)
-        return full.index_copy(-1, self.id_of_row, logits)  # (..., vocab_size)
+        """The output layer: hidden states (..., C) → logits (..., V) over token ids."""
+        return self.lm_head(x)  # (..., V)
 
     def output_loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of hidden states x (M, C) against token ids (M,) (-100: skipped), the output layer
         fused with the loss a chunk of rows at a time, never holding the (M, V) logits (models/loss.py)."""
-        if self.config.vocab_ids is not None:
-            # An id outside vocab_ids becomes row n_rows, out of range: the loss raises rather than
-            # train on the wrong token (such an id has zero probability; the data does not fit the model).
-            rows = self.row_of_id[targets.clamp(min=0)]  # (M,)
-            rows = torch.where(self.id_of_row[rows] == targets, rows, self.config.n_rows)
-            targets = torch.where(targets == -100, targets, rows)
         return linear_cross_entropy(x, self.lm_head.weight, targets)
 
     def hidden_states(
@@ -343,8 +273,7 @@ class GPT(nn.Module):
             attn_mask = cache.mask(positions)  # (T, S)
         elif positions is None:
             positions = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
-        rows = idx if self.config.vocab_ids is None else self.row_of_id[idx]  # (B, T)
-        x = self.transformer.wte(rows) + self.transformer.wpe(positions)  # (B, T, C)
+        x = self.transformer.wte(idx) + self.transformer.wpe(positions)  # (B, T, C)
         for i, block in enumerate(self.transformer.h):
             x = block(x, cache, i, attn_mask, positions)  # (B, T, C)
             if context is not None and str(i) in self.cross:
@@ -395,9 +324,10 @@ class GPT(nn.Module):
 
     @classmethod
     def from_lightning_checkpoint(cls, path: str | os.PathLike) -> GPT:
-        """The LM of a stage-1 Lightning checkpoint (see `read_lm_checkpoint`)."""
-        config, weights = read_lm_checkpoint(path)
-        model = cls(config)
+        """The GPT-2 of a stage-1 Lightning checkpoint (either kind of LM: `compact_vocab.lm_config` and
+        `build_lm` over `read_lm_checkpoint`)."""
+        fields, weights = read_lm_checkpoint(path)
+        model = cls(GPTConfig.resolve(fields, path))
         model.load_state_dict(weights)
         return model
 
@@ -419,24 +349,27 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         raise UserError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
 
 
-def lm_config_from_checkpoint(ckpt: dict, path: str | os.PathLike) -> GPTConfig:
-    """The GPTConfig a stage-1 checkpoint was trained with: hyper_parameters["gpt"] (["model"] before 0.2)."""
+def lm_fields_from_checkpoint(ckpt: dict, path: str | os.PathLike) -> dict:
+    """The config fields of a stage-1 checkpoint's LM: hyper_parameters["gpt"] (["model"] before 0.2)."""
     hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
     fields = (hparams or {}).get("gpt", (hparams or {}).get("model"))
-    known = {f.name for f in dataclasses.fields(GPTConfig)}
-    if not isinstance(fields, dict) or set(fields) - known:
+    if not isinstance(fields, dict):
         raise UserError(
-            f"{path}: not a stage-1 checkpoint (hyper_parameters.gpt must hold GPTConfig fields {sorted(known)}, "
-            f"got {fields!r})"
+            f"{path}: not a stage-1 checkpoint (hyper_parameters.gpt must hold the LM's config fields)"
         )
-    return GPTConfig(**fields)
+    return fields
 
 
-def read_lm_checkpoint(path: str | os.PathLike) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
-    """(config, GPT state dict) of a stage-1 Lightning checkpoint: weights are the state_dict keys under `model.`
-    (a torch.compile `_orig_mod.` prefix is dropped too)."""
+def lm_config_from_checkpoint(ckpt: dict, path: str | os.PathLike) -> GPTConfig:
+    """The GPTConfig of a GPT-2 stage-1 checkpoint (either kind of LM: `compact_vocab.lm_config`)."""
+    return GPTConfig.resolve(lm_fields_from_checkpoint(ckpt, path), path)
+
+
+def read_lm_checkpoint(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config fields, GPT state dict) of a stage-1 Lightning checkpoint: weights are the state_dict keys under
+    `model.` (a torch.compile `_orig_mod.` prefix is dropped too)."""
     ckpt = load_checkpoint(path)
-    config = lm_config_from_checkpoint(ckpt, path)
+    fields = lm_fields_from_checkpoint(ckpt, path)
     state_dict = ckpt.get("state_dict") or {}
     weights = {
         key.removeprefix("model.").replace("_orig_mod.", ""): value
@@ -445,4 +378,4 @@ def read_lm_checkpoint(path: str | os.PathLike) -> tuple[GPTConfig, dict[str, to
     }
     if not weights:
         raise UserError(f"{path}: state_dict has no `model.` keys; keys start with {sorted(state_dict)[:3]}")
-    return config, weights
+    return fields, weights

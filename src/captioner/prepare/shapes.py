@@ -137,7 +137,7 @@ def write_images(
 def write_vocab_ids(path: str | Path, *, text: Path, hellaswag: Path, captions: list[Path]) -> Path:
     """The sorted GPT-2 token ids that the world's text shards, HellaSwag rows (as the scorer tokenises them)
     and captions (as the caption data tokenises them) use, <|endoftext|> included, as a JSON list (kept if
-    `path` exists). An LM of this world takes it as `GPTConfig.vocab_ids` and then spends nothing on the ~50K
+    `path` exists). An LM of this world takes it as `CompactVocabConfig.vocab_ids` and then spends nothing on the ~50K
     ids it never sees: the demo LM's output layer shrinks from 50,304 rows to 65."""
     path = Path(path)
     if path.exists():

@@ -8,15 +8,16 @@ import torch
 
 from captioner.data.hellaswag import load_examples
 from captioner.eval.hellaswag import score_hellaswag
-from captioner.models.gpt import GPT, GPTConfig
+from captioner.models.compact_vocab import build_lm, lm_config
 from captioner.training.base import TrainingModule
 
 
 class PretrainModule(TrainingModule):
     """GPT-2 with the LM loss. Validation: loss on a fixed val slice, HellaSwag acc/acc_norm (text samples: TextSamplesCallback).
 
-    Hyper-parameters are plain data only (`gpt` is the resolved GPTConfig as a dict), so checkpoints load with
-    `torch.load(weights_only=True)` and `GPT.from_lightning_checkpoint` can rebuild the LM from them.
+    Hyper-parameters are plain data only (`gpt` is the resolved config as a dict: a GPTConfig's, or a
+    CompactVocabConfig's for an LM over a compact vocabulary), so checkpoints load with
+    `torch.load(weights_only=True)` and `compact_vocab.lm_config` + `build_lm` rebuild the LM from them.
     """
 
     def __init__(
@@ -27,7 +28,7 @@ class PretrainModule(TrainingModule):
         hellaswag: dict | None = None,
     ):
         super().__init__(optim)
-        config = GPTConfig.resolve(gpt)
+        config = lm_config(gpt)
         self.save_hyperparameters(
             {
                 "gpt": dataclasses.asdict(config),
@@ -36,7 +37,7 @@ class PretrainModule(TrainingModule):
                 "hellaswag": dict(hellaswag or {}),
             }
         )
-        self.model = GPT(config)
+        self.model = build_lm(config)
         self._num_params = self.model.num_params()  # for MFU, counted before FSDP shows only a shard of each
         self.compile_model = compile
         self._compiled = None  # not a submodule: keeps state-dict keys free of `_orig_mod`
