@@ -16,8 +16,16 @@ def compose_cfg(*overrides: str):
         return compose("train", overrides=list(overrides), return_hydra_config=True)
 
 
-def test_all_four_experiments_exist():
-    assert {"demo_pretrain", "demo_caption", "pretrain_gpt2_124m", "caption_coco2017"} <= set(EXPERIMENTS)
+def test_every_documented_experiment_exists():
+    documented = {"demo_pretrain", "demo_caption", "pretrain_gpt2_124m", "caption_coco2017"}
+    assert documented | {"demo_caption_scst", "caption_coco2017_scst"} <= set(EXPERIMENTS)
+
+
+def test_self_critical_needs_its_caption_run():
+    cfg = compose_cfg("experiment=caption_coco2017_scst")
+    assert OmegaConf.is_missing(cfg.model, "init_ckpt")  # one line from captioner-train if not given
+    assert cfg.data.train_references and cfg.data.captions_per_epoch == "one"
+    assert (cfg.model.samples, cfg.model.baseline, cfg.model.temperature) == (5, "mean", 1.0)
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
