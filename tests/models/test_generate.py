@@ -1,13 +1,17 @@
 """Decoding: greedy / beam / sampling agree where they must, the KV cache changes nothing, EOT and vocab rules."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 
 from captioner.models import generate as decoding
 from captioner.models.captioner import Captioner
+from captioner.models.compact_vocab import CompactVocabConfig, build_lm
 from captioner.models.gpt import GPT, GPTConfig
 from captioner.models.vision import VisionEncoder
-from captioner.tokenizer import EOT
+from captioner.tokenizer import EOT, N_VOCAB
 from tests.helpers import TINY_CLIP
 
 
@@ -30,7 +34,12 @@ def pixels() -> torch.Tensor:
 
 def lm_and_prompt(vocab_ids=None):
     torch.manual_seed(0)
-    lm = GPT(GPTConfig.named("tiny", vocab_ids=vocab_ids)).eval()
+    config = (
+        GPTConfig.named("tiny")
+        if vocab_ids is None
+        else CompactVocabConfig.named("tiny", vocab_ids=vocab_ids)
+    )
+    lm = build_lm(config).eval()
     return lm, torch.randint(0, 50257, (3, 4), generator=torch.Generator().manual_seed(2))
 
 
@@ -193,3 +202,20 @@ def test_the_decoding_loop_never_reads_the_device(captioner, pixels, monkeypatch
 def test_cuda_graph_needs_the_cache_on_a_cuda_device(captioner, pixels):
     with pytest.raises(ValueError, match="cuda_graph=True needs use_cache=True and a model on a CUDA device"):
         captioner.generate(pixels, method="beam", cuda_graph=True)
+
+
+def test_the_cuda_graph_cache_lets_a_deleted_model_go():
+    """Graphed decode steps are cached per LM (a weak key) and batch shape; a cached step must not keep its LM
+    alive. A step is captured on its first replay, not when made, so the cache itself runs on the CPU."""
+    lm, prompt = lm_and_prompt()
+    step = decoding._graphed_step(lm, prompt, None, 1, 5, N_VOCAB)
+    assert (
+        decoding._graphed_step(lm, prompt, None, 1, 5, N_VOCAB) is step
+    )  # same shape: the capture is reused
+    other = decoding._graphed_step(lm, prompt[:, :2], None, 1, 5, N_VOCAB)
+    assert list(decoding._GRAPHS[lm].values()) == [other]  # a new shape replaces the old step
+    entries, freed = len(decoding._GRAPHS), weakref.ref(lm)
+    del lm
+    gc.collect()
+    assert freed() is None
+    assert len(decoding._GRAPHS) == entries - 1

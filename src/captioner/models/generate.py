@@ -115,7 +115,7 @@ class _Feed:
             self.seq = torch.cat([self.seq, tokens[:, None]], dim=1)  # (R, T + 1)
             return self.logits(self.seq)
         if self.graphed is not None:
-            return self.graphed.replay(tokens)
+            return self.graphed.replay(tokens, self.logits)
         return self.logits(tokens[:, None])
 
     def reorder(self, rows: torch.Tensor) -> None:
@@ -131,19 +131,19 @@ class _GraphedStep:
 
     Replay runs the captured kernels on the captured addresses: the token goes in through `tokens`, the logits
     come out in `out`, the cache's device position advances inside the graph. Kept per LM and shape
-    (`_graphed_step`), so a second batch of the same shape reuses the capture.
+    (`_graphed_step`), so a second batch of the same shape reuses the capture. It holds no reference to the LM
+    (only the LM's kernels, inside the graph): the cache of steps is keyed by the LM and must let it be freed.
     """
 
-    def __init__(self, lm, rows, group, max_length, context, n_vocab):
-        device = context.device if context is not None else next(lm.parameters()).device
+    def __init__(self, rows: int, max_length: int, group: int, device: torch.device):
         self.cache = KVCache(max_length, group=group)
-        self.tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)
-        self.feed = lambda: lm(self.tokens, context=context, cache=self.cache)[0][:, -1, :n_vocab].float()
+        self.tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)  # (R, 1)
         self.graph: torch.cuda.CUDAGraph | None = None
 
-    def capture(self) -> None:
-        """Capture after the prefill, so every buffer exists. Warm-up steps run on a side stream (as CUDA graphs
-        require) and are undone: their keys/values sit at a position the first real step overwrites."""
+    def capture(self, logits: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Capture `logits(self.tokens)` (the feed's step) after the prefill, so every buffer exists. Warm-up steps
+        run on a side stream (as CUDA graphs require) and are undone: their keys/values sit at a position the
+        first real step overwrites."""
         cache, length, position = self.cache, self.cache.length, self.cache.position.clone()
         autocast = contextlib.nullcontext()
         if torch.is_autocast_enabled("cuda"):  # autocast's weight-cast cache must not live inside a graph
@@ -152,18 +152,19 @@ class _GraphedStep:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), autocast:
             for _ in range(2):
-                self.feed()
+                logits(self.tokens)
                 cache.length = length
                 cache.position.copy_(position)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph), autocast:
-            self.out = self.feed()
+            self.out = logits(self.tokens)  # (R, n_vocab)
         cache.length = length  # capture ran the Python once and the kernels not at all
 
-    def replay(self, tokens: torch.Tensor) -> torch.Tensor:
+    def replay(self, tokens: torch.Tensor, logits: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Feed tokens (R,); the logits after them. `logits` is captured on the first call only."""
         if self.graph is None:
-            self.capture()
+            self.capture(logits)
         if self.cache.length + 1 > self.cache.max_length:
             raise UserError(f"KVCache holds {self.cache.max_length} positions; all are used")
         self.tokens.copy_(tokens[:, None])
@@ -176,8 +177,9 @@ _GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # LM → {shap
 
 
 def _graphed_step(lm, prompt, context, group, max_new_tokens, n_vocab) -> _GraphedStep:
-    """The LM's captured step for this batch shape, made on first use; its cache reset for a new batch. (The
-    step never reads the context itself: the image keys/values are in the cache after the prefill.)"""
+    """The LM's step for this batch shape, made on first use (captured on its first replay); its cache reset
+    for a new batch. (The step never reads the context itself: the image keys/values are in the cache after the
+    prefill.)"""
     key = (
         prompt.shape,
         group,
@@ -191,7 +193,7 @@ def _graphed_step(lm, prompt, context, group, max_new_tokens, n_vocab) -> _Graph
     if key not in steps:
         steps.clear()  # one capture per LM: a new shape replaces the old graph and frees its memory
         max_length = prompt.size(1) + max_new_tokens - 1
-        steps[key] = _GraphedStep(lm, prompt.size(0), group, max_length, context, n_vocab)
+        steps[key] = _GraphedStep(prompt.size(0), max_length, group, prompt.device)
     step = steps[key]
     step.cache.reset()
     return step
