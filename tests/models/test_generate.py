@@ -130,7 +130,7 @@ def test_padding_rows_of_the_vocab_are_never_emitted():
     assert decoding.beam_search(lm, prompt, max_new_tokens=5, eot=EOT, num_beams=3) == [[123] * 5] * 2
     sampled = decoding.generate(lm, prompt, decoding.sampler(temperature=5.0), max_new_tokens=50, eot=EOT)
     assert all(0 <= t < 50257 for row in sampled for t in row)
-    out = decoding.decode(lm, prompt, decoding.sampler(top_k=1), max_new_tokens=5)
+    out = decoding.decode_loop(lm, prompt, decoding.sampler(top_k=1), max_new_tokens=5)
     assert out.tolist() == [[123] * 5] * 2
 
 
@@ -145,7 +145,7 @@ def test_a_model_that_always_says_eot_gives_empty_captions(captioner, pixels):
         assert captioner.generate(pixels, method=method, max_new_tokens=10) == [[], [], []]
     prompt = torch.full((3, 1), EOT)
     context = captioner.image_context(pixels)
-    tokens = decoding.decode(
+    tokens = decoding.decode_loop(
         captioner.lm, prompt, decoding.argmax, max_new_tokens=10, eot=EOT, context=context
     )
     assert tokens.tolist() == [[EOT]] * 3  # decoding ends as soon as every row has finished
@@ -159,7 +159,7 @@ def test_each_row_stops_at_its_own_eot():
     stop = free[0][3]  # a token row 0 emits at step 3; other rows stop wherever they first emit it, if at all
     expected = [row[: row.index(stop)] if stop in row else row for row in free]
     assert decoding.generate(lm, prompt, decoding.argmax, max_new_tokens=12, eot=stop) == expected
-    tokens = decoding.decode(lm, prompt, decoding.argmax, max_new_tokens=12, eot=stop)
+    tokens = decoding.decode_loop(lm, prompt, decoding.argmax, max_new_tokens=12, eot=stop)
     for row, exp in zip(tokens.tolist(), expected):
         assert row[len(exp) :] == [stop] * (len(row) - len(exp))  # finished rows are padded with eot
 

@@ -60,21 +60,13 @@ class GatedCrossAttention(nn.Module):
         q = self.c_q(self.ln_1(x)).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         if cache is None:
             k, v = self.image_kv(context)  # (B, nh, N, hs) each
-            y = F.scaled_dot_product_attention(
-                q, k, v
-            )  # (B, nh, T, hs): every text position sees every image token
+            y = F.scaled_dot_product_attention(q, k, v)  # (B, nh, T, hs): each text position sees all N
         else:
-            k, v = cache.image_kv(
-                layer, lambda: self.image_kv(context)
-            )  # (I, nh, N, hs) each, I = B // G images
-            G, hs = cache.group, C // self.n_head
-            q = (
-                q.view(-1, G, self.n_head, T, hs).transpose(1, 2).reshape(-1, self.n_head, G * T, hs)
-            )  # (I, nh, G*T, hs)
+            k, v = cache.cached_image_kv(layer, lambda: self.image_kv(context))  # (I, nh, N, hs), I = B // G
+            G, nh, hs = cache.group, self.n_head, C // self.n_head
+            q = q.view(-1, G, nh, T, hs).transpose(1, 2).reshape(-1, nh, G * T, hs)  # (I, nh, G*T, hs)
             y = F.scaled_dot_product_attention(q, k, v)  # (I, nh, G*T, hs)
-            y = (
-                y.view(-1, self.n_head, G, T, hs).transpose(1, 2).reshape(B, self.n_head, T, hs)
-            )  # (B, nh, T, hs)
+            y = y.view(-1, nh, G, T, hs).transpose(1, 2).reshape(B, nh, T, hs)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         x = x + self.attn_gate.tanh() * self.c_proj(y)  # (B, T, C)
         x = x + self.ff_gate.tanh() * self.mlp(self.ln_2(x))  # (B, T, C)

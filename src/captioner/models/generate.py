@@ -223,7 +223,7 @@ class _Finished:
 
 
 @torch.no_grad()
-def decode(
+def decode_loop(
     lm: GPT,
     prompt: torch.Tensor,
     pick: Pick,
@@ -289,7 +289,7 @@ def generate(
 ) -> list[list[int]]:
     """Greedy decoding (pick=argmax, the default) or sampling (pick=sampler(...)). Returns per-row new ids,
     eot excluded."""
-    tokens = decode(
+    tokens = decode_loop(
         lm,
         prompt,
         pick,

@@ -70,7 +70,7 @@ class KVCache:
         buf_v.index_copy_(2, positions, v)
         return buf_k, buf_v
 
-    def image_kv(self, layer: int, compute) -> tuple[torch.Tensor, torch.Tensor]:
+    def cached_image_kv(self, layer: int, compute) -> tuple[torch.Tensor, torch.Tensor]:
         """The image keys/values of `layer`: `compute()` on the layer's first call since the cache was made or
         reset (written into the buffers a previous batch left, if any), the stored ones afterwards."""
         if layer not in self._images_stored:

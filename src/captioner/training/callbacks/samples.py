@@ -8,9 +8,8 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
-from captioner.models.generate import decode, sampler
-from captioner.tokenizer import EOT, gpt2_encoding
-from captioner.tokenizer import decode as decode_text
+from captioner.models.generate import decode_loop, sampler
+from captioner.tokenizer import EOT, decode, gpt2_encoding
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +53,9 @@ class TextSamplesCallback(pl.Callback):
         with pl_module.eval_context():
             for prompt in self.prompts:
                 idx = torch.tensor([[EOT, *enc.encode(prompt)]], device=pl_module.device)
-                new = decode(
+                new = decode_loop(
                     pl_module.model, idx, pick, max_new_tokens=self.max_new_tokens, eot=EOT
                 )  # (1, n)
-                out.append(repr(decode_text(idx[0, 1:].tolist() + new[0].tolist())))
+                out.append(repr(decode(idx[0, 1:].tolist() + new[0].tolist())))
         pl_module.train(was_training)
         return out
