@@ -338,3 +338,23 @@ def test_anything_else_names_the_file_and_the_formats(tmp_path):
     one_line_error(other, "a torch file holding a list, not a checkpoint")
     with pytest.raises(UserError, match="checkpoint not found"):
         read_lm(tmp_path / "missing.pt")
+
+
+def test_the_caption_stage_starts_from_each_neighbours_lm(tmp_path, bng_class):
+    """model.lm.ckpt= a build-nanogpt, nanoGPT or llm.c file: the captioner's LM is that model exactly."""
+    from captioner.models.captioner import build_captioner
+
+    model = random_gpt()
+    write_bng(tmp_path / "model_19072.pt", model)
+    write_nanogpt(tmp_path / "ckpt.pt", model, bias=True)
+    write_llmc(tmp_path / "gpt2_124M.bin", model)
+    clip = dict(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32
+    )
+    for name in ("model_19072.pt", "ckpt.pt", "gpt2_124M.bin"):
+        lm = {"ckpt": str(tmp_path / name)}
+        captioner = build_captioner(lm, {"clip_config": {**clip, "patch_size": 16}}, pretrained=True)
+        ours = {k: v for k, v in captioner.lm.state_dict().items() if not k.startswith("cross.")}
+        theirs = model.state_dict()
+        for key, value in ours.items():  # llm.c drops the padded vocabulary rows: compare the real ones
+            torch.testing.assert_close(value, theirs[key][: len(value)], atol=0, rtol=0, msg=f"{name}: {key}")

@@ -166,13 +166,7 @@ def tiny_caption_checkpoint(path, lm_source: dict | None = None, **lm_overrides)
     return model
 
 
-COMPACT = pytest.param(
-    {"vocab_ids": (3, 17, 256, 1000, 42_000, EOT)},
-    # until models/captioner.py builds its LM with compact_vocab.build_lm (requested of its owner)
-    marks=pytest.mark.xfail(
-        raises=TypeError, strict=True, reason="build_captioner calls GPTConfig(**fields)"
-    ),
-)
+COMPACT = {"vocab_ids": (3, 17, 256, 1000, 42_000, EOT)}  # the demo's kind of LM
 
 
 @pytest.mark.parametrize("lm_overrides", [{}, COMPACT])

@@ -21,6 +21,7 @@ def _hellaswag(args) -> dict:
 
     from captioner.eval.hellaswag import evaluate_hellaswag
     from captioner.models.captioner import resolve_device
+    from captioner.models.checkpoints import load_lm
     from captioner.models.gpt import GPT
     from captioner.prepare.hellaswag import download_hellaswag
 
@@ -30,7 +31,7 @@ def _hellaswag(args) -> dict:
     data = Path(args.data) if args.data else download_hellaswag(data_dir("hellaswag"), split="val")
     if not data.is_file():
         raise UserError(f"HellaSwag file not found: {data}")
-    model = GPT.from_lightning_checkpoint(args.ckpt) if args.ckpt else GPT.from_pretrained(args.hf)
+    model = load_lm(args.ckpt) if args.ckpt else GPT.from_pretrained(args.hf)  # any stage-1 format
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 matmuls, as build-nanogpt evaluates
     model.to(device)

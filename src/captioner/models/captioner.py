@@ -19,8 +19,10 @@ import torch.nn as nn
 
 from captioner.errors import UserError, from_hub
 from captioner.models import generate as decoding
+from captioner.models.checkpoints import load_lm, read_lm
+from captioner.models.compact_vocab import build_lm, lm_config
 from captioner.models.cross_attention import GatedCrossAttention
-from captioner.models.gpt import GPT, GPTConfig, lm_config_from_checkpoint, load_checkpoint
+from captioner.models.gpt import GPT, GPTConfig, load_checkpoint
 from captioner.models.vision import VisionEncoder, load_clip_vision
 from captioner.optim import parameter_counts
 from captioner.tokenizer import EOT, decode
@@ -221,7 +223,7 @@ def resolve_lm(lm: dict) -> dict:
     if config is not None and not isinstance(config, str) and "name" not in config:
         return lm  # already resolved (e.g. read back from a checkpoint)
     if lm.get("ckpt"):
-        lm["config"] = dataclasses.asdict(lm_config_from_checkpoint(load_checkpoint(lm["ckpt"]), lm["ckpt"]))
+        lm["config"] = dataclasses.asdict(read_lm(lm["ckpt"])[0])  # any format read_lm reads
     elif lm.get("hf"):
         from transformers import GPT2Config
 
@@ -229,7 +231,7 @@ def resolve_lm(lm: dict) -> dict:
             GPTConfig.from_hf(from_hub(GPT2Config.from_pretrained, lm["hf"], "model.lm.hf"), lm["hf"])
         )
     elif config:
-        lm["config"] = dataclasses.asdict(GPTConfig.resolve(config))
+        lm["config"] = dataclasses.asdict(lm_config(config, "model.lm.config"))
     else:
         raise UserError(
             "model.lm: no language model given: set model.lm.ckpt=<stage-1 last.ckpt>, model.lm.hf=gpt2 "
@@ -262,9 +264,9 @@ def build_captioner(
     """A Captioner from its config dicts (`resolve_lm` / `resolve_vision` forms). Weights are random unless
     `pretrained`, which copies in the stage-1 / HF GPT-2 and the CLIP weights the configs name."""
     lm, vision = resolve_lm(lm), resolve_vision(vision)
-    config = GPTConfig(**lm["config"])
+    config = lm_config(lm["config"], "model.lm.config")  # a GPT-2, or the demo's compact-vocabulary LM
     encoder = VisionEncoder(config.n_embd, clip=None, clip_config=vision["clip_config"])
-    model = Captioner(GPT(config), encoder, cross_every=cross_every, trainable=trainable)
+    model = Captioner(build_lm(config), encoder, cross_every=cross_every, trainable=trainable)
     if pretrained:
         load_pretrained_weights(model, lm, vision)
     return model
@@ -274,7 +276,7 @@ def load_pretrained_weights(model: Captioner, lm: dict, vision: dict) -> None:
     """Copy the LM (stage-1 checkpoint or HF GPT-2) and CLIP weights named by the configs into `model`."""
     source = None
     if lm.get("ckpt"):
-        source = GPT.from_lightning_checkpoint(lm["ckpt"])
+        source = load_lm(lm["ckpt"])
     elif lm.get("hf"):
         source = GPT.from_pretrained(lm["hf"])
     if source is not None:
