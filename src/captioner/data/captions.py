@@ -60,13 +60,9 @@ def encode_captions(texts: Sequence[str], enc, max_tokens: int) -> tuple[np.ndar
 
 
 def reference_tokens(tokens: np.ndarray, token_offsets: np.ndarray, start: int, stop: int) -> list[list[int]]:
-    """Captions start..stop as token ids, without the EOT that opens each and the one that closes it (a cut
-    caption has none): what a sampled caption is compared with."""
-    refs = []
-    for c in range(start, stop):
-        seq = tokens[token_offsets[c] + 1 : token_offsets[c + 1]].tolist()
-        refs.append(seq[:-1] if seq and seq[-1] == EOT else seq)
-    return refs
+    """Captions start..stop as token ids, without the EOT that opens each but with the one that closes it (a
+    cut caption has none): what a sampled caption, ended the same way, is compared with."""
+    return [tokens[token_offsets[c] + 1 : token_offsets[c + 1]].tolist() for c in range(start, stop)]
 
 
 class CaptionPairs(Dataset):
