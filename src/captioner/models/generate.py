@@ -323,12 +323,13 @@ def beam_search(
     cuda_graph: bool = False,
     n_vocab: int = N_VOCAB,
 ) -> list[list[int]]:
-    """Beam search with HF's scoring: a finished hypothesis scores sum log-prob / length**length_penalty, and
-    an example stops once its best running beam cannot beat the worst of its `num_beams` finished ones (HF's
-    early_stopping=False).
+    """Beam search as transformers' `generate(num_beams=K, length_penalty=..., early_stopping=False,
+    do_sample=False)`: a finished hypothesis scores sum log-prob / length**length_penalty (its eot counted in the
+    length), and an example stops once its best running beam, at its current length, cannot beat the worst of its
+    `num_beams` finished ones. Scores are float32 and normalised as transformers does, so the two agree token for
+    token (tests/models/test_beam_oracle.py).
 
-    prompt (B, T0); context (B, N, C) or None. Returns per-example best new ids, eot excluded. Normalised scores
-    are float64, so ties and comparisons come out as in Python floats (the reference this was checked against).
+    prompt (B, T0); context (B, N, C) or None. Returns per-example best new ids, eot excluded.
     """
     if num_beams < 1:
         raise UserError(f"num_beams must be >= 1, got {num_beams!r}")
@@ -354,7 +355,7 @@ def beam_search(
     scores = torch.full((B, K), float("-inf"), device=device)  # (B, K) sum log-prob per running beam
     scores[:, 0] = 0.0
     # Finished hypotheses, best first: normalised score, ids, length; `count` of them (at most K) per example.
-    best = torch.full((B, K), float("-inf"), dtype=torch.float64, device=device)  # (B, K)
+    best = torch.full((B, K), float("-inf"), device=device)  # (B, K)
     best_tokens = torch.zeros(B, K, L, dtype=torch.long, device=device)  # (B, K, L)
     best_length = torch.zeros(B, K, dtype=torch.long, device=device)  # (B, K)
     count = torch.zeros(B, dtype=torch.long, device=device)  # (B,)
@@ -384,7 +385,7 @@ def beam_search(
         is_eot = token == eot  # (B, 2K)
         # an eot in the top K finishes a hypothesis (outside it, it is worse than K continuing beams: HF)
         finishing = is_eot & (ranks < K) & ~done[:, None]  # (B, 2K)
-        normalised = top_scores.double() / length**length_penalty  # (B, 2K)
+        normalised = top_scores / length**length_penalty  # (B, 2K)
         parent_tokens = tokens.view(B, K, L).gather(1, parent[:, :, None].expand(B, 2 * K, L))  # (B, 2K, L)
         best, best_tokens, best_length = keep_best(
             normalised.masked_fill(~finishing, float("-inf")),
@@ -395,7 +396,7 @@ def beam_search(
         # the K best candidates that are not eot continue, in rank order
         keep = (ranks + is_eot * 2 * K).topk(K, dim=1, largest=False).indices  # (B, K)
         parent, token, top_scores = parent.gather(1, keep), token.gather(1, keep), top_scores.gather(1, keep)
-        best_running = top_scores[:, 0].double() / length**length_penalty  # (B,)
+        best_running = top_scores[:, 0] / length**length_penalty  # (B,)
         done = done | ((count == K) & (best[:, -1] >= best_running))
         # a finished example keeps its shapes: its beams are fed eot and their outcome no longer matters
         parent = torch.where(done[:, None], beams, parent)
@@ -409,7 +410,7 @@ def beam_search(
         if all_done(done):
             break
     # Out of steps: the running beams of unfinished examples compete with their finished hypotheses.
-    running = (scores.double() / steps**length_penalty).masked_fill(done[:, None], float("-inf"))  # (B, K)
+    running = (scores / steps**length_penalty).masked_fill(done[:, None], float("-inf"))  # (B, K)
     best, best_tokens, best_length = keep_best(
         running, tokens.view(B, K, L), torch.full((B, K), steps, dtype=torch.long, device=device)
     )
