@@ -219,3 +219,17 @@ def test_the_cuda_graph_cache_lets_a_deleted_model_go():
     gc.collect()
     assert freed() is None
     assert len(decoding._GRAPHS) == entries - 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_decodes_as_the_cache_does_and_lets_the_model_go():
+    lm, prompt = lm_and_prompt()
+    lm, prompt = lm.cuda(), prompt.cuda()
+    for search in (decoding.generate, decoding.beam_search):
+        cached = search(lm, prompt, max_new_tokens=9, eot=EOT)
+        for _ in range(2):  # captured, then replayed for a second batch of the same shape
+            assert search(lm, prompt, max_new_tokens=9, eot=EOT, cuda_graph=True) == cached, search.__name__
+    freed = weakref.ref(lm)
+    del lm
+    gc.collect()
+    assert freed() is None  # a captured graph keeps the LM's kernels, not the LM
