@@ -277,7 +277,7 @@ def test_seeded_sampling_repeats():
 
     def sample(seed):
         pick = decoding.sampler(top_k=5, generator=torch.Generator().manual_seed(seed))
-        return decoding.decode(model, idx, pick, max_new_tokens=6, n_vocab=97)
+        return decoding.decode_loop(model, idx, pick, max_new_tokens=6, n_vocab=97)
 
     out = sample(1)
     assert out.shape == (2, 6) and torch.equal(out, sample(1))
