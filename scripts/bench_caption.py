@@ -17,6 +17,9 @@ with `build_feature_cache` first (not timed).
     every step), with the static KV cache, and (CUDA) with the decode step replayed as a CUDA graph (goal >= 5x
     over no cache), from cached features. EOT is kept from winning, so decoding runs all 20 steps; ms/step is a
     run's time over 20 (prefill and beam bookkeeping included).
+(d) the self-critical reward: CIDEr-D of one step's samples (32 images x 5 samples, 5 references each, COCO-like
+    lengths over a 3,000-token vocabulary), eval/cider.py on token ids vs pycocoevalcap's CiderScorer on the same
+    captions as words, with the same document frequencies (so the scores must agree: max |difference| printed).
 
 Warm-up iterations are excluded; clocks are read after a CUDA synchronize. `gpu_check.py` imports from here.
 """
@@ -27,6 +30,7 @@ import argparse
 import random
 import statistics
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -360,6 +364,50 @@ def format_size(result: dict, settings: Settings) -> str:
     )
 
 
+def time_reward(repeats: int = 5, seed: int = 0) -> dict:
+    """(d): seconds per step's CIDEr-D, ours and pycocoevalcap's (median of `repeats`), and their max |diff|."""
+    from pycocoevalcap.cider.cider_scorer import CiderScorer
+
+    from captioner.eval.cider import CiderD
+
+    rng = np.random.default_rng(seed)
+    images, k = 32, 5
+    refs = [[rng.integers(0, 3000, rng.integers(8, 16)).tolist() for _ in range(5)] for _ in range(images)]
+    samples = [rng.integers(0, 3000, rng.integers(6, 16)).tolist() for _ in range(images * k)]
+    groups = np.repeat(np.arange(images), k)
+    # pycocoevalcap takes document frequencies from what it scores: give ours the same corpus
+    ours = CiderD.from_corpus([refs[g] for g in groups])
+    words = lambda ids: " ".join(map(str, ids))  # noqa: E731
+
+    def theirs() -> np.ndarray:
+        scorer = CiderScorer(n=4, sigma=6.0)
+        for sample, g in zip(samples, groups, strict=True):
+            scorer += (words(sample), [words(r) for r in refs[g]])
+        return scorer.compute_score()[1]
+
+    times = {"eval/cider.py (token ids)": [], "pycocoevalcap CiderScorer": []}
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a = ours(samples, refs, groups)
+        times["eval/cider.py (token ids)"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        b = theirs()
+        times["pycocoevalcap CiderScorer"].append(time.perf_counter() - start)
+    return {"captions": len(samples), "seconds": {n: statistics.median(t) for n, t in times.items()},
+            "max_diff": float(np.abs(a - b).max())}  # fmt: skip
+
+
+def format_reward(result: dict) -> str:
+    seconds, n = result["seconds"], result["captions"]
+    base = seconds["pycocoevalcap CiderScorer"]
+    rows = [[name, f"{n / s:,.0f} captions/s", f"{1000 * s:,.1f} ms/step", f"{base / s:,.1f}x"]
+            for name, s in seconds.items()]  # fmt: skip
+    return (
+        table(["(d) CIDEr-D reward, 32 images x 5 samples", "throughput", "time", "vs pycocoevalcap"], rows)
+        + f"\n(d) max |ours - pycocoevalcap| = {result['max_diff']:.1e}"
+    )
+
+
 def run(sizes: list[str], settings: Settings, device: torch.device, seed: int = 0) -> list[dict]:
     """Write the JPEGs once, then bench every size on them."""
     setup_backend(device)
@@ -423,6 +471,7 @@ def main(argv=None) -> None:
     )
     for result in run(args.sizes, settings, device):
         print(format_size(result, settings) + "\n")
+    print(format_reward(time_reward()))
 
 
 if __name__ == "__main__":
