@@ -51,7 +51,7 @@ def test_bad_inputs_exit_2_with_one_line(caption_ckpt, tmp_path, capsys):
     assert "checkpoint not found" in one_error_line(capsys)
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     assert exit_code(main, ["--ckpt", str(tmp_path / "notes.txt"), "--out", out]) == 2
-    assert "not a readable checkpoint" in one_error_line(capsys)
+    assert "not a checkpoint we can read" in one_error_line(capsys)
     torch.save({"hyper_parameters": {"lr": 0.1}, "state_dict": {}}, tmp_path / "other.ckpt")
     assert exit_code(main, ["--ckpt", str(tmp_path / "other.ckpt"), "--out", out]) == 2
     assert "neither a stage-1 nor a caption checkpoint" in one_error_line(capsys)

@@ -358,3 +358,19 @@ def test_the_caption_stage_starts_from_each_neighbours_lm(tmp_path, bng_class):
         theirs = model.state_dict()
         for key, value in ours.items():  # llm.c drops the padded vocabulary rows: compare the real ones
             torch.testing.assert_close(value, theirs[key][: len(value)], atol=0, rtol=0, msg=f"{name}: {key}")
+
+
+def test_captioner_export_turns_a_neighbours_lm_into_a_transformers_gpt2(tmp_path, bng_class):
+    from transformers import GPT2LMHeadModel
+
+    from captioner.models.export import LM, export_checkpoint
+
+    model = random_gpt()
+    write_llmc(tmp_path / "gpt2_124M.bin", model)
+    assert export_checkpoint(tmp_path / "gpt2_124M.bin", tmp_path / "hf") == LM
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    idx = torch.randint(0, 50257, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            hf(idx).logits[..., :50257], logits(model)[..., :50257], atol=1e-5, rtol=1e-5
+        )

@@ -22,8 +22,9 @@ import torch
 from captioner.errors import UserError
 from captioner.io import make_shareable
 from captioner.models.captioner import CAPTIONER_KEYS, load_captioner, save_captioner
-from captioner.models.compact_vocab import CompactVocabGPT, build_lm, lm_config
-from captioner.models.gpt import GPT, HF_TRANSPOSED, load_checkpoint, read_lm_checkpoint
+from captioner.models.checkpoints import OURS, checkpoint_format, load_lm
+from captioner.models.compact_vocab import CompactVocabGPT
+from captioner.models.gpt import GPT, HF_TRANSPOSED, load_checkpoint
 from captioner.tokenizer import EOT, N_VOCAB, gpt2_encoding
 
 log = logging.getLogger(__name__)
@@ -61,10 +62,10 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, *, force:
     check_destination(out, force)
     if force and Path(ckpt).resolve().is_relative_to(out.resolve()):
         raise UserError(f"{ckpt} is inside {out}: replacing {out} would delete the checkpoint")
-    kind = checkpoint_kind(load_checkpoint(ckpt), ckpt)
+    ours = checkpoint_format(ckpt) == OURS  # else build-nanogpt, nanoGPT or llm.c: a stage-1 LM
+    kind = checkpoint_kind(load_checkpoint(ckpt), ckpt) if ours else LM
     if kind == LM:
-        fields, weights = read_lm_checkpoint(ckpt)
-        model = build_lm(lm_config(fields, ckpt), weights)
+        model = load_lm(ckpt)
         with fresh_directory(out) as tmp:
             save_hf_gpt2(model, tmp)
             write_tokenizer_files(tmp, model.config.block_size)
