@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from captioner.errors import UserError
 from captioner.models import generate as decoding
-from captioner.models.gpt import GPT, GPTConfig, KVCache
+from captioner.models.gpt import GPT, GPTConfig, KVCache, read_lm_checkpoint
 
 
 def small(**overrides) -> GPTConfig:
@@ -243,7 +243,7 @@ def test_gpt2_124m_every_2_gets_6_cross_layers():
 @pytest.mark.parametrize(
     "key", ["gpt", "model"]
 )  # "model": checkpoints written before the package's 0.2 layout
-def test_from_lightning_checkpoint(tmp_path, key):
+def test_read_lm_checkpoint(tmp_path, key):
     torch.manual_seed(0)
     config = small()
     lm = GPT(config)
@@ -253,21 +253,23 @@ def test_from_lightning_checkpoint(tmp_path, key):
     path = tmp_path / "last.ckpt"
     torch.save(ckpt, path)
 
-    loaded = GPT.from_lightning_checkpoint(path)
-    assert loaded.config == config
+    fields, weights = read_lm_checkpoint(path)
+    assert fields == dataclasses.asdict(config)
+    loaded = GPT(GPTConfig.resolve(fields))
+    loaded.load_state_dict(weights)
     assert loaded.lm_head.weight is loaded.transformer.wte.weight
     idx = torch.randint(0, 97, (2, 9))
     torch.testing.assert_close(loaded(idx)[0], lm(idx)[0], atol=0, rtol=0)
 
     bad = tmp_path / "bad.ckpt"
     torch.save({"state_dict": state}, bad)
-    with pytest.raises(ValueError, match=r"bad.ckpt: not a stage-1 checkpoint.*hyper_parameters"):
-        GPT.from_lightning_checkpoint(bad)
+    with pytest.raises(UserError, match=r"bad.ckpt: not a stage-1 checkpoint.*hyper_parameters"):
+        read_lm_checkpoint(bad)
     torch.save({**ckpt, "hyper_parameters": {"model": {**dataclasses.asdict(config), "dropout": 0.1}}}, bad)
     with pytest.raises(
         UserError, match=r"bad.ckpt: GPTConfig has no fields \['dropout'\] \(its fields: \['block"
     ):
-        GPT.from_lightning_checkpoint(bad)
+        GPTConfig.resolve(read_lm_checkpoint(bad)[0], bad)
 
 
 def test_seeded_sampling_repeats():

@@ -322,15 +322,6 @@ class GPT(nn.Module):
                 sd[k].copy_(v.t() if k.endswith(HF_TRANSPOSED) else v)
         return model
 
-    @classmethod
-    def from_lightning_checkpoint(cls, path: str | os.PathLike) -> GPT:
-        """The GPT-2 of a stage-1 Lightning checkpoint (either kind of LM: `compact_vocab.lm_config` and
-        `build_lm` over `read_lm_checkpoint`)."""
-        fields, weights = read_lm_checkpoint(path)
-        model = cls(GPTConfig.resolve(fields, path))
-        model.load_state_dict(weights)
-        return model
-
 
 # --------------------------------------------------------------------------------------------------------------
 # where GPT weights come from: transformers GPT-2, stage-1 checkpoints
@@ -360,14 +351,10 @@ def lm_fields_from_checkpoint(ckpt: dict, path: str | os.PathLike) -> dict:
     return fields
 
 
-def lm_config_from_checkpoint(ckpt: dict, path: str | os.PathLike) -> GPTConfig:
-    """The GPTConfig of a GPT-2 stage-1 checkpoint (either kind of LM: `compact_vocab.lm_config`)."""
-    return GPTConfig.resolve(lm_fields_from_checkpoint(ckpt, path), path)
-
-
 def read_lm_checkpoint(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config fields, GPT state dict) of a stage-1 Lightning checkpoint: weights are the state_dict keys under
-    `model.` (a torch.compile `_orig_mod.` prefix is dropped too)."""
+    `model.` (a torch.compile `_orig_mod.` prefix is dropped too). `checkpoints.read_lm` makes them a config of
+    either kind (`compact_vocab.lm_config`)."""
     ckpt = load_checkpoint(path)
     fields = lm_fields_from_checkpoint(ckpt, path)
     state_dict = ckpt.get("state_dict") or {}
