@@ -25,6 +25,7 @@ from captioner.eval.hellaswag import (
     packed_ending_losses,
     score_hellaswag,
 )
+from captioner.models.compact_vocab import CompactVocabConfig, build_lm
 from captioner.models.gpt import GPT, GPTConfig
 from captioner.prepare.hellaswag import download_hellaswag
 from captioner.tokenizer import EOT, gpt2_encoding
@@ -66,7 +67,7 @@ def tiny_gpt(request):
     # a model over only the ids these examples use (+ EOT): logits -inf elsewhere, the same scores' rules
     enc = gpt2_encoding()
     ids = {EOT} | {t for ex in EXAMPLES for row in render_example(ex, enc)[0] for t in row}
-    return GPT(GPTConfig.named("tiny", vocab_ids=sorted(ids)))
+    return build_lm(CompactVocabConfig.named("tiny", vocab_ids=sorted(ids)))
 
 
 def reference_counts_and_preds(model, examples, block_size):

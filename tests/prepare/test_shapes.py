@@ -11,7 +11,7 @@ from PIL import Image
 from captioner.data.captions import encode_captions
 from captioner.data.hellaswag import load_examples, render_example
 from captioner.eval.hellaswag import score_hellaswag
-from captioner.models.gpt import GPT, GPTConfig
+from captioner.models.compact_vocab import build_lm, lm_config
 from captioner.prepare.shapes import prepare_shapes
 from captioner.shapes.accuracy import caption_matches_scene, object_accuracy
 from captioner.shapes.text import split_words
@@ -76,7 +76,7 @@ def test_token_shards_hold_eot_prefixed_world_english(world):
 
 
 def test_vocab_ids_cover_everything_a_world_lm_reads_and_nothing_else(world):
-    """The ids an LM of this world needs (GPTConfig.vocab_ids): every token of the shards, of the HellaSwag rows
+    """The ids an LM of this world needs (CompactVocabConfig.vocab_ids): every token of the shards, of the HellaSwag rows
     as the scorer renders them and of the captions as the caption data encodes them; each a piece of world
     English."""
     ids = json.loads((world / "vocab_ids.json").read_text())
@@ -95,7 +95,7 @@ def test_vocab_ids_cover_everything_a_world_lm_reads_and_nothing_else(world):
         tokens, _ = encode_captions([a["caption"] for a in coco["annotations"]], enc, max_tokens=64)
         assert set(tokens.tolist()) <= listed
     # an LM over exactly these ids reads and scores every question of this world
-    model = GPT(GPTConfig.resolve({"name": "tiny", "vocab_ids": str(world / "vocab_ids.json")}))
+    model = build_lm(lm_config({"name": "tiny", "vocab_ids": str(world / "vocab_ids.json")}))
     assert model.lm_head.weight.shape[0] == len(ids)
     counts = score_hellaswag(model, load_examples(world / "hellaswag" / "shapes_val.jsonl"), batch_size=8)
     assert counts["n"] == TINY["n_hellaswag"]

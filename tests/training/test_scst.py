@@ -52,7 +52,8 @@ def test_sample_log_probs_are_the_models_own(caption_ckpt):
     module.load_pretrained()
     lm = module.model.lm
     context = torch.randn(3, module.model.vision.num_tokens, lm.config.n_embd)
-    samples = [[10, 11], [12, 13, 14, 15], []]  # stopped, cut at the limit, stopped at once
+    a, b, c, d, e, f = lm.config.vocab_ids[:6]  # the fixture's demo LM reads the shapes world's ids only
+    samples = [[a, b], [c, d, e, f], []]  # stopped, cut at the limit, stopped at once
     log_probs, rows = module._sample_log_probs(samples, context)
     assert rows.tolist() == [0, 0, 0, 1, 1, 1, 1, 2]  # stopped samples add their EOT as a target
     expected = []

@@ -114,11 +114,19 @@ class CompactVocabGPT(GPT):
 
     def output_loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """GPT.output_loss against GPT-2 token ids targets (M,)."""
+        return super().output_loss(x, self._target_rows(targets))
+
+    def token_log_probs(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """GPT.token_log_probs of GPT-2 token ids (M,), over the listed rows only: the same values, since every
+        other id has probability 0."""
+        return super().token_log_probs(x, self._target_rows(targets))
+
+    def _target_rows(self, targets: torch.Tensor) -> torch.Tensor:
         # An id not listed becomes row V, out of range: the loss raises rather than train on the wrong
         # token (such an id has zero probability; the data does not fit the model).
         rows = self.row_of_id[targets.clamp(min=0)]  # (M,)
         rows = torch.where(self.id_of_row[rows] == targets, rows, self.config.vocab_size)
-        return super().output_loss(x, torch.where(targets == -100, targets, rows))
+        return torch.where(targets == -100, targets, rows)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -240,6 +240,10 @@ class GPT(nn.Module):
         """The output layer: hidden states (..., C) → logits (..., V) over token ids."""
         return self.lm_head(x)  # (..., V)
 
+    def token_log_probs(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """log p (M,) of token ids targets (M,) after hidden states x (M, C), in fp32 (a policy gradient's)."""
+        return -F.cross_entropy(self.lm_head(x).float(), targets, reduction="none")  # (M,)
+
     def output_loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of hidden states x (M, C) against token ids (M,) (-100: skipped), the output layer
         fused with the loss a chunk of rows at a time, never holding the (M, V) logits (models/loss.py)."""

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from captioner.errors import UserError
 from captioner.eval.cider import CiderD
@@ -189,8 +188,7 @@ class SelfCriticalModule(CaptionModule):
         self._teacher_forced = (input_ids, labels)
         x = self.model.lm.hidden_states(input_ids, context=contexts)  # (M, T, C)
         keep = (labels != -100).view(-1).nonzero().squeeze(1)  # (R,)
-        logits = self.model.lm.logits(x.view(-1, x.size(-1))[keep]).float()  # (R, V)
-        log_probs = F.log_softmax(logits, dim=-1).gather(1, labels.view(-1)[keep, None]).squeeze(1)  # (R,)
+        log_probs = self.model.lm.token_log_probs(x.view(-1, x.size(-1))[keep], labels.view(-1)[keep])  # (R,)
         return log_probs, keep // T
 
     def flops_per_batch(self, batch) -> torch.Tensor:
