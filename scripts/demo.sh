@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The demo: both stages on the embedded shapes world, on a CPU, in minutes. Re-running skips finished stages
+# The demo: the three stages on the embedded shapes world, on a CPU, in minutes. Re-running skips finished stages
 # (delete outputs/demo to start over). Extra arguments go to both training runs as Hydra overrides.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -35,10 +35,12 @@ run_stage pretrain demo_pretrain "${@}"
 # The stand-in for openai/clip-vit-base-patch32 (no hub offline): a tiny CLIP pretrained on the world's images.
 captioner-prepare shapes-clip --images data/shapes/images --out data/shapes/clip
 run_stage caption demo_caption "model.lm.ckpt=$OUT/pretrain/checkpoints/last.ckpt" "${@}"
+# Stage 3: self-critical CIDEr-D training from the caption run's weights.
+run_stage scst demo_caption_scst "model.init_ckpt=$OUT/caption/checkpoints/last.ckpt" "${@}"
 
 echo
 echo "[demo] captioning shapes val images with captioner-caption:"
-python - "$OUT/caption/checkpoints/last.ckpt" <<'PY'
+python - "$OUT/scst/checkpoints/last.ckpt" <<'PY'
 import json, subprocess, sys
 root = "data/shapes/images"
 ann = json.load(open(f"{root}/annotations/captions_val.json"))
@@ -59,4 +61,5 @@ echo "  stage 1 plots:      $OUT/pretrain/plots/   samples: $OUT/pretrain/sample
 echo "  stage 1 checkpoint: $OUT/pretrain/checkpoints/last.ckpt"
 echo "  stage 2 gallery:    $OUT/caption/gallery.html   plots: $OUT/caption/plots/"
 echo "  stage 2 checkpoint: $OUT/caption/checkpoints/last.ckpt"
+echo "  stage 3 gallery:    $OUT/scst/gallery.html   checkpoint: $OUT/scst/checkpoints/last.ckpt"
 echo "  metrics:            $OUT/*/metrics.csv"

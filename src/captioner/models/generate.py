@@ -52,7 +52,7 @@ def sampler(
     def pick(logits: torch.Tensor) -> torch.Tensor:
         logits = logits / temperature  # (B, V)
         if top_k is None and top_p is None:
-            return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator).squeeze(1)
+            return draw(F.softmax(logits.float(), dim=-1), generator)
         if top_k is not None:
             logits, ids = logits.topk(min(top_k, logits.size(-1)), dim=-1)  # (B, k), sorted descending
         else:
@@ -61,10 +61,19 @@ def sampler(
         if top_p is not None:
             # drop a token once the more likely ones already hold top_p of the mass (the first always stays)
             probs = probs.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, 0.0)
-        choice = torch.multinomial(probs, 1, generator=generator)  # (B, 1) index into the sorted list
-        return ids.gather(-1, choice).squeeze(1)  # (B,)
+        choice = draw(probs.float(), generator)  # (B,) index into the sorted list
+        return ids.gather(-1, choice[:, None]).squeeze(1)  # (B,)
 
     return pick
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One index per row of probs (B, V), drawn with probability proportional to it: the inverse CDF at a
+    uniform draw (torch.multinomial does the same sampling but takes 0.2 s on a CPU for 160 rows of 50,257)."""
+    cdf = probs.cumsum(dim=-1)  # (B, V)
+    u = torch.rand(probs.size(0), 1, generator=generator, device=probs.device) * cdf[:, -1:]  # (B, 1)
+    # the first position whose cdf exceeds u: a token with probability 0 never is one
+    return torch.searchsorted(cdf, u, right=True).clamp(max=probs.size(-1) - 1).squeeze(1)  # (B,)
 
 
 def _check_length(lm: GPT, prompt: torch.Tensor, max_new_tokens: int) -> None:
