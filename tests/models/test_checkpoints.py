@@ -20,10 +20,10 @@ from captioner.models.gpt import GPT, GPTConfig, load_checkpoint, read_lm_checkp
 SHAPE = dict(block_size=16, n_layer=2, n_head=2, n_embd=8)
 
 
-def random_gpt(vocab_size: int = 50304, seed: int = 0) -> GPT:
+def random_gpt(vocab_size: int = 50304, seed: int = 0, gelu: str = "tanh") -> GPT:
     """A tiny GPT whose every parameter is random (biases and LayerNorms too, so a misplaced one shows)."""
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(vocab_size=vocab_size, **SHAPE))
+    model = GPT(GPTConfig(vocab_size=vocab_size, gelu=gelu, **SHAPE))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -167,7 +167,7 @@ def write_nanogpt(
 
 @pytest.mark.parametrize("bias,compiled", [(True, False), (False, True)])
 def test_nanogpt_loads_with_the_same_logits(tmp_path, bias, compiled):
-    model = random_gpt()
+    model = random_gpt(gelu="none")  # nanoGPT's MLP: nn.GELU(), the exact one
     if not bias:  # nanoGPT's bias=False model is ours with zero biases
         with torch.no_grad():
             for name, p in model.named_parameters():
@@ -374,3 +374,21 @@ def test_captioner_export_turns_a_neighbours_lm_into_a_transformers_gpt2(tmp_pat
         torch.testing.assert_close(
             hf(idx).logits[..., :50257], logits(model)[..., :50257], atol=1e-5, rtol=1e-5
         )
+
+
+def test_the_gelu_kind_changes_the_logits_and_survives_the_export(tmp_path):
+    from transformers import GPT2LMHeadModel
+
+    from captioner.models.export import save_hf_gpt2
+
+    exact, tanh = random_gpt(gelu="none"), random_gpt(gelu="tanh")
+    assert not torch.allclose(logits(exact), logits(tanh))  # the same weights, another function
+    save_hf_gpt2(exact, tmp_path / "hf")
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    assert hf.config.activation_function == "gelu"
+    idx = torch.randint(0, 50257, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, logits(exact)[..., :50257], atol=1e-5, rtol=1e-5)
+    assert GPT.from_pretrained(tmp_path / "hf").config.gelu == "none"
+    with pytest.raises(UserError, match=r"GPTConfig\.gelu must be one of tanh, none"):
+        GPTConfig(gelu="relu")

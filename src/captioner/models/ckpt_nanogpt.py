@@ -54,7 +54,7 @@ def read_nanogpt(ckpt: dict, path: str | os.PathLike) -> tuple[GPTConfig, dict[s
     bias = args.pop("bias", True)
     if not isinstance(bias, bool):
         raise UserError(f"{path}: nanoGPT model_args.bias must be True or False, got {bias!r}")
-    config = gpt_config(args, SHAPE_FIELDS, path, "nanoGPT model_args")
+    config = gpt_config(args, SHAPE_FIELDS, path, "nanoGPT model_args", gelu="none")  # its nn.GELU(): exact
     weights = plain_weights(ckpt["model"], path)
     if not bias:
         for key, weight in list(weights.items()):
@@ -64,7 +64,9 @@ def read_nanogpt(ckpt: dict, path: str | os.PathLike) -> tuple[GPTConfig, dict[s
     return config, weights
 
 
-def gpt_config(fields: dict, names: tuple[str, ...], path: str | os.PathLike, what: str) -> GPTConfig:
+def gpt_config(
+    fields: dict, names: tuple[str, ...], path: str | os.PathLike, what: str, gelu: str = "tanh"
+) -> GPTConfig:
     """Our GPTConfig from a neighbour's config fields, which must be exactly `names` (another field could change
     the model's maths)."""
     missing, unknown = set(names) - set(fields), set(fields) - set(names)
@@ -74,7 +76,7 @@ def gpt_config(fields: dict, names: tuple[str, ...], path: str | os.PathLike, wh
             f"unknown {sorted(map(str, unknown))}"
         )
     try:
-        return GPTConfig(**{name: fields[name] for name in names})
+        return GPTConfig(**{name: fields[name] for name in names}, gelu=gelu)
     except UserError as err:
         raise UserError(f"{path}: {what}: {err}") from None
 

@@ -24,7 +24,7 @@ from captioner.io import make_shareable
 from captioner.models.captioner import CAPTIONER_KEYS, load_captioner, save_captioner
 from captioner.models.checkpoints import OURS, checkpoint_format, load_lm
 from captioner.models.compact_vocab import CompactVocabGPT
-from captioner.models.gpt import GPT, HF_TRANSPOSED, load_checkpoint
+from captioner.models.gpt import GELUS, GPT, HF_TRANSPOSED, load_checkpoint
 from captioner.tokenizer import EOT, N_VOCAB, gpt2_encoding
 
 log = logging.getLogger(__name__)
@@ -130,7 +130,7 @@ def hf_gpt2_config(model: GPT):
         n_embd=cfg.n_embd,
         n_layer=cfg.n_layer,
         n_head=cfg.n_head,
-        activation_function="gelu_new",  # the tanh GELU of our MLP
+        activation_function={v: k for k, v in GELUS.items()}[cfg.gelu],  # gelu_new: the tanh GELU
         resid_pdrop=0.0,
         embd_pdrop=0.0,
         attn_pdrop=0.0,

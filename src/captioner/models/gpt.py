@@ -27,6 +27,10 @@ from captioner.models.loss import linear_cross_entropy
 # config
 
 
+# transformers' GPT-2 activation_function → our GELU's `approximate`
+GELUS = {"gelu_new": "tanh", "gelu": "none"}
+
+
 @dataclass
 class GPTConfig:
     block_size: int = 1024  # max sequence length (positions in wpe)
@@ -34,6 +38,9 @@ class GPTConfig:
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
+    gelu: str = (
+        "tanh"  # the MLP's GELU: "tanh" (GPT-2's gelu_new, build-nanogpt, llm.c) or "none" (exact: nanoGPT)
+    )
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -44,6 +51,8 @@ class GPTConfig:
             raise UserError(
                 f"GPTConfig.n_embd ({self.n_embd}) must be divisible by GPTConfig.n_head ({self.n_head})"
             )
+        if self.gelu not in GELUS.values():
+            raise UserError(f"GPTConfig.gelu must be one of {', '.join(GELUS.values())}, got {self.gelu!r}")
 
     @classmethod
     def named(cls, name: str, **overrides) -> GPTConfig:
@@ -69,9 +78,11 @@ class GPTConfig:
     @classmethod
     def from_hf(cls, hf_config, source: object = "GPT2Config") -> GPTConfig:
         """The shape of a transformers `GPT2Config` (which must be GPT-2's architecture)."""
-        if getattr(hf_config, "activation_function", "gelu_new") != "gelu_new":
-            raise UserError(f"{source}: activation_function {hf_config.activation_function!r} is not GPT-2's")
+        activation = getattr(hf_config, "activation_function", "gelu_new")
+        if activation not in GELUS:
+            raise UserError(f"{source}: activation_function {activation!r} is not GPT-2's")
         return cls(
+            gelu=GELUS[activation],
             block_size=hf_config.n_positions,
             vocab_size=hf_config.vocab_size,
             n_layer=hf_config.n_layer,
@@ -131,10 +142,10 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, n_embd: int):
+    def __init__(self, n_embd: int, gelu: str = "tanh"):
         super().__init__()
         self.c_fc = nn.Linear(n_embd, 4 * n_embd)
-        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's "gelu_new"
+        self.gelu = nn.GELU(approximate=gelu)  # tanh: GPT-2's "gelu_new"
         self.c_proj = nn.Linear(4 * n_embd, n_embd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -145,12 +156,12 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
-    def __init__(self, n_embd: int, n_head: int):
+    def __init__(self, n_embd: int, n_head: int, gelu: str = "tanh"):
         super().__init__()
         self.ln_1 = nn.LayerNorm(n_embd)
         self.attn = CausalSelfAttention(n_embd, n_head)
         self.ln_2 = nn.LayerNorm(n_embd)
-        self.mlp = MLP(n_embd)
+        self.mlp = MLP(n_embd, gelu)
 
     def forward(
         self,
@@ -175,7 +186,9 @@ class GPT(nn.Module):
             dict(
                 wte=nn.Embedding(config.vocab_size, config.n_embd),
                 wpe=nn.Embedding(config.block_size, config.n_embd),
-                h=nn.ModuleList([Block(config.n_embd, config.n_head) for _ in range(config.n_layer)]),
+                h=nn.ModuleList(
+                    [Block(config.n_embd, config.n_head, config.gelu) for _ in range(config.n_layer)]
+                ),
                 ln_f=nn.LayerNorm(config.n_embd),
             )
         )
