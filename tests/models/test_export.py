@@ -246,6 +246,6 @@ def test_export_tells_what_a_file_is_not(tmp_path):
     with pytest.raises(ValueError, match="neither a stage-1 nor a caption checkpoint"):
         export_checkpoint(tmp_path / "other.ckpt", tmp_path / "out")
     (tmp_path / "notes.txt").write_text("hello")
-    with pytest.raises(UserError, match="not a checkpoint we can read .*formats read: .*build-nanogpt"):
+    with pytest.raises(UserError, match=r"not a checkpoint we can read .*formats read: .*build-nanogpt"):
         export_checkpoint(tmp_path / "notes.txt", tmp_path / "out")
     assert not (tmp_path / "out").exists()
