@@ -58,7 +58,7 @@ def test_an_internal_error_in_a_cli_shows_its_traceback(tmp_path, monkeypatch):
 def test_an_internal_error_in_captioner_train_shows_its_traceback(tmp_path):
     code = (
         "import sys, captioner.cli.train as t\n"
-        "def train(cfg): raise KeyError('input_ids')  # a bug in a callback, say\n"
+        "def train(cfg, callbacks=None): raise KeyError('input_ids')  # a bug in a callback, say\n"
         "t.train = train; sys.argv[0] = 'captioner-train'; t.main()\n"
     )
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
