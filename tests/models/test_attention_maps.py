@@ -10,6 +10,7 @@ from PIL import Image
 
 from captioner.models.attention_maps import (
     attention_maps,
+    attention_strip,
     cross_attention_weights,
     layer_weights,
     overlay,
@@ -139,3 +140,14 @@ def test_overlay_is_hot_where_the_map_peaks_on_the_centre_crop():
     assert out.shape == (90, 90, 3)
     hot, cold = out[10, 80], out[80, 10]  # inside the top right and bottom left cells
     assert hot[0] > hot[2] + 40 and cold[2] > cold[0] + 40  # jet: red at the peak, blue at the floor
+
+
+def test_the_strip_shows_the_image_then_one_titled_overlay_per_token():
+    model = trained_looking_captioner()
+    maps = attention_maps(model, [[262, 2266, 9197]], torch.randn(1, 3, 64, 64))[0]
+    image = Image.new("RGB", (64, 64), (200, 30, 30))
+    strip = attention_strip(image, maps, side=40)
+    assert strip.size == (4 * 44, 40 + 16)
+    pixels = np.asarray(strip)
+    assert (pixels[16:, :40] == (200, 30, 30)).all()  # the image itself, untouched, first
+    assert (pixels[:16, 44:84] < 128).any()  # a title above the first overlay

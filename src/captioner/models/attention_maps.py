@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from captioner.models.cross_attention import GatedCrossAttention
 from captioner.tokenizer import EOT, gpt2_encoding
@@ -57,7 +57,9 @@ def cross_attention_weights(
 
 def layer_weights(layers: list[GatedCrossAttention]) -> torch.Tensor:
     """(L,) weights summing to 1: each layer's |tanh(attn_gate)|, how much of its attention output reaches the
-    text stream; equal weights while every gate is still closed (an untrained captioner)."""
+    text stream (a gate may train negative; its sign flips the output, not what was read). A nearly closed layer
+    writes little of what it read, and its maps are noise to the caption. Equal weights while every gate is
+    still closed (an untrained captioner)."""
     gates = torch.cat([layer.attn_gate.detach().float().tanh().abs() for layer in layers])  # (L,)
     if gates.sum() == 0:
         return torch.full_like(gates, 1 / len(gates))
@@ -98,7 +100,8 @@ def attention_maps(model, captions: list[list[int]], pixel_values=None, features
     """Per image, where each token of its caption looked: `AttentionMaps` (tokens, (T, H, W) patch maps, (T,)
     CLS shares). captions: token ids as `Captioner.generate` returns them; images as pixels (B, 3, S, S) or
     cached CLIP features (B, N, D), one per caption. The weights are averaged over heads, then over layers
-    weighted by `layer_weights`; the patches are renormalised after that average."""
+    weighted by `layer_weights`; the patches are renormalised after that average, so a head that mostly reads
+    CLS adds little patch mass instead of having its leftover spread amplified."""
     if not captions:
         return []
     weights, layers = teacher_forced_attention(model, captions, pixel_values, features)  # (L, B, nh, T, N)
@@ -138,3 +141,17 @@ def overlay(image: Image.Image, grid: np.ndarray, side: int = 224, alpha: float 
     )
     colours = (colormaps["jet"](np.clip(heat, 0, 1))[..., :3] * 255).astype(np.uint8)  # (side, side, 3)
     return Image.blend(base, Image.fromarray(colours), alpha)
+
+
+def attention_strip(image: Image.Image, maps: AttentionMaps, side: int = 96) -> Image.Image:
+    """One picture of a caption's maps: the image, then each token's `overlay`, the token as its title. What
+    `captioner-caption --attention` writes and the wandb table shows."""
+    title = 16
+    tiles = [image.convert("RGB").resize((side, side), Image.Resampling.BICUBIC)]
+    tiles += [overlay(image, grid, side=side) for grid in maps.patches]
+    strip = Image.new("RGB", ((side + 4) * len(tiles), side + title), "white")
+    draw = ImageDraw.Draw(strip)
+    for k, (tile, label) in enumerate(zip(tiles, ["(image)", *maps.tokens])):
+        strip.paste(tile, ((side + 4) * k, title))
+        draw.text(((side + 4) * k + 2, 2), label.strip(), fill="black")
+    return strip
