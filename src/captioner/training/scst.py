@@ -147,14 +147,16 @@ class SelfCriticalModule(CaptionModule):
         else:
             greedy = self._decode(context, decoding.argmax)
             baseline = self.cider(self._ended(greedy), batch["references"])[group]
-        advantage = torch.as_tensor(rewards - baseline, dtype=torch.float32, device=context.device)  # (M,)
+        advantage = rewards - baseline  # (M,) numpy, on the host like the rewards: logging it reads no device
         log_probs, rows = self._sample_log_probs(samples, contexts)  # (R,), (R,) sample of each token
-        loss = -(advantage[rows] * log_probs).mean()
+        weights = torch.as_tensor(advantage, dtype=torch.float32).to(context.device, non_blocking=True)
+        loss = -(weights[rows] * log_probs).mean()
         self.accumulate_loss(loss, len(rows))
-        lengths = [len(s) for s in samples]
         self.log("train/reward", float(rewards.mean()), batch_size=B)
-        self.log("train/advantage_std", float(advantage.std()) if len(advantage) > 1 else 0.0, batch_size=B)
-        self.log("train/sample_len", float(np.mean(lengths)), batch_size=B)
+        self.log(
+            "train/advantage_std", float(advantage.std(ddof=1)) if len(advantage) > 1 else 0.0, batch_size=B
+        )
+        self.log("train/sample_len", float(np.mean([len(s) for s in samples])), batch_size=B)
         return loss
 
     @torch.no_grad()
