@@ -59,6 +59,10 @@ def test_user_errors_are_one_message_without_traceback(tmp_path, shapes_dir):  #
     ]:
         args = ["experiment=demo_pretrain", f"paths.data_dir={shapes_dir}", f"{key}={value}", run]
         assert_clean_error(captioner_train(*args, cwd=tmp_path), expected)
+    args = ["experiment=demo_caption_scst", f"paths.data_dir={shapes_dir}", run]  # no caption run named
+    assert_clean_error(
+        captioner_train(*args, cwd=tmp_path), "model.init_ckpt is required: add model.init_ckpt="
+    )
     if not torch.cuda.is_available():
         args = ["experiment=demo_pretrain", f"paths.data_dir={shapes_dir}", "trainer=fsdp", run]
         result = captioner_train(*args, cwd=tmp_path)

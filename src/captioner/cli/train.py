@@ -17,7 +17,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.accelerators import CPUAccelerator
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from captioner.cli.boundary import error_boundary
 from captioner.data.feature_cache import check_cache_fits
@@ -27,6 +27,7 @@ from captioner.models.gpt import load_checkpoint
 from captioner.optim import parameter_counts
 from captioner.training.base import DivergedError
 from captioner.training.callbacks.plots import plot_metrics
+from captioner.training.caption import CaptionModule
 from captioner.training.loggers import truncate_metrics_after
 
 log = logging.getLogger("captioner.train")
@@ -111,7 +112,8 @@ def check_inputs(cfg: DictConfig, datamodule: L.LightningDataModule) -> int | No
     if hellaswag.get("path"):
         load_examples(hellaswag.path, limit=hellaswag.get("limit"))
     if cfg.ckpt_path:
-        return check_resume_checkpoint(cfg.ckpt_path, caption="lm" in cfg.model or "init_ckpt" in cfg.model)
+        caption = issubclass(hydra.utils.get_class(cfg.model._target_), CaptionModule)  # stage 2 or 3
+        return check_resume_checkpoint(cfg.ckpt_path, caption=caption)
     return None
 
 
@@ -215,7 +217,10 @@ def check_config_types(cfg: DictConfig) -> None:
     check_types(RunSettings, {f.name: cfg.get(f.name) for f in dataclasses.fields(RunSettings)}, "")
     check_types(L.Trainer, OmegaConf.to_container(cfg.trainer, resolve=True), "trainer")
     for group in ("data", "model"):
-        kwargs = OmegaConf.to_container(cfg[group], resolve=True)
+        try:
+            kwargs = OmegaConf.to_container(cfg[group], resolve=True, throw_on_missing=True)
+        except MissingMandatoryValue as err:  # a `???` in the config: a value only the user can give
+            raise UserError(f"{err.full_key} is required: add {err.full_key}=… to the command") from None
         check_types(hydra.utils.get_class(kwargs.pop("_target_")), kwargs, group)
 
 
