@@ -46,3 +46,21 @@ def exit_code(main, argv: list[str]) -> int:
         return main(argv)
     except SystemExit as exit:
         return exit.code
+
+
+def bare_trainer(**kwargs):
+    """A one-CPU Lightning Trainer with nothing but the loop: no logger, checkpoints, progress bar, summary,
+    validation or distributed sampler (the data modules split their data themselves); `kwargs` add to it."""
+    import lightning as L
+
+    quiet = dict(
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        accelerator="cpu",
+        devices=1,
+    )
+    return L.Trainer(**{**quiet, **kwargs})

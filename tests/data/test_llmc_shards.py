@@ -12,6 +12,7 @@ from captioner.data.shards import list_shards, load_shard, shard_path, write_sha
 from captioner.data.token_shards import TokenShardDataModule
 from captioner.errors import UserError
 from captioner.training.pretrain import PretrainModule
+from tests.helpers import bare_trainer
 
 
 def write_llmc_shard(path, tokens, *, magic=20240520, version=1, count=None) -> Path:
@@ -127,19 +128,7 @@ def _fit(data_dir, max_steps, ckpt_path=None, save=None):
     L.seed_everything(0)
     model = PretrainModule(gpt="tiny", optim={"warmup_steps": 1, "max_steps": 4})
     losses = _Losses()
-    trainer = L.Trainer(
-        max_steps=max_steps,
-        accumulate_grad_batches=ACCUM,
-        limit_val_batches=0,
-        logger=False,
-        callbacks=[losses],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-        accelerator="cpu",
-        devices=1,
-    )
+    trainer = bare_trainer(max_steps=max_steps, accumulate_grad_batches=ACCUM, callbacks=[losses])
     dm = TokenShardDataModule(str(data_dir), seq_len=T, micro_batch_size=B, total_batch_tokens=T * B * ACCUM)
     trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
     if save is not None:

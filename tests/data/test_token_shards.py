@@ -13,6 +13,7 @@ from captioner.data.shards import list_shards, load_shard, shard_path, write_sha
 from captioner.data.token_shards import TokenShardDataModule, TrainWindowStream
 from captioner.errors import UserError
 from tests.data.test_llmc_shards import write_llmc_shard
+from tests.helpers import bare_trainer
 
 T, B = 16, 2
 VAL_LEN = 1500
@@ -236,18 +237,7 @@ def test_lightning_saves_and_restores_the_position(data_dir, tmp_path):
     def fit(max_steps, ckpt_path=None):
         dm = TokenShardDataModule(data_dir, seq_len=T, micro_batch_size=B)
         model = _Recorder()
-        trainer = L.Trainer(
-            max_steps=max_steps,
-            accumulate_grad_batches=2,
-            limit_val_batches=0,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            use_distributed_sampler=False,
-            accelerator="cpu",
-            devices=1,
-        )
+        trainer = bare_trainer(max_steps=max_steps, accumulate_grad_batches=2)
         trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
         return trainer, dm, model.seen
 
