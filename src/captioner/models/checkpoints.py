@@ -36,7 +36,7 @@ def read_lm(path: str | os.PathLike) -> tuple[GPTConfig, dict[str, torch.Tensor]
     path = Path(path)
     kind, ckpt = _open(path)
     if kind == OURS:
-        fields, weights = read_lm_checkpoint(path)
+        fields, weights = read_lm_checkpoint(path, ckpt)  # the file is read once
         config = lm_config(fields, path)  # a GPTConfig, or its compact-vocabulary kind
     elif kind == BUILD_NANOGPT:
         config, weights = ckpt_nanogpt.read_build_nanogpt(ckpt, path)

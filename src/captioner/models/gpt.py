@@ -368,11 +368,13 @@ def lm_fields_from_checkpoint(ckpt: dict, path: str | os.PathLike) -> dict:
     return fields
 
 
-def read_lm_checkpoint(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(config fields, GPT state dict) of a stage-1 Lightning checkpoint: weights are the state_dict keys under
-    `model.` (a torch.compile `_orig_mod.` prefix is dropped too). `checkpoints.read_lm` makes them a config of
-    either kind (`compact_vocab.lm_config`)."""
-    ckpt = load_checkpoint(path)
+def read_lm_checkpoint(
+    path: str | os.PathLike, ckpt: dict | None = None
+) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config fields, GPT state dict) of a stage-1 Lightning checkpoint (`ckpt`: the file already loaded):
+    weights are the state_dict keys under `model.` (a torch.compile `_orig_mod.` prefix is dropped too).
+    `checkpoints.read_lm` makes them a config of either kind (`compact_vocab.lm_config`)."""
+    ckpt = load_checkpoint(path) if ckpt is None else ckpt
     fields = lm_fields_from_checkpoint(ckpt, path)
     state_dict = ckpt.get("state_dict") or {}
     weights = {
