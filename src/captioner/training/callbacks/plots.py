@@ -133,6 +133,10 @@ def _plot_captions(series, dest: Path) -> Path:
     for name in CAPTION_METRICS:
         if name in series:
             ax.plot(*series[name], "o-", markersize=4, label=name.removeprefix("val/"))
+    if "train/reward" in series:  # self-critical runs: the samples' CIDEr-D, on the scale of val/cider
+        ax.plot(
+            *series["train/reward"], color="tab:blue", alpha=0.35, linewidth=1, label="train reward (samples)"
+        )
     ax.set_ylabel("score (CIDEr-D unscaled, others 0-1)")
     ax.legend()
     return _save(fig, dest)
