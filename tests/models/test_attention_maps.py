@@ -151,3 +151,17 @@ def test_the_strip_shows_the_image_then_one_titled_overlay_per_token():
     pixels = np.asarray(strip)
     assert (pixels[16:, :40] == (200, 30, 30)).all()  # the image itself, untouched, first
     assert (pixels[:16, 44:84] < 128).any()  # a title above the first overlay
+
+
+def test_caption_batch_with_attention_is_caption_batch_plus_the_maps():
+    from captioner.models.captioner import caption_batch, caption_batch_with_attention
+
+    model = trained_looking_captioner()
+    pixels = torch.randn(3, 3, 64, 64)
+    for generation in ({"method": "greedy"}, {"method": "beam", "num_beams": 3}):
+        captions, maps = caption_batch_with_attention(model, pixels, max_new_tokens=6, **generation)
+        assert captions == caption_batch(model, pixels, max_new_tokens=6, **generation)
+        ids = model.generate(pixels, max_new_tokens=6, **generation)
+        for m, expected in zip(maps, attention_maps(model, ids, pixels)):
+            assert m.tokens == expected.tokens
+            assert np.allclose(m.patches, expected.patches, atol=1e-6)

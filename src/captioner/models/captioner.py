@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from captioner.errors import UserError, from_hub
 from captioner.models import generate as decoding
+from captioner.models.attention_maps import AttentionMaps, attention_maps
 from captioner.models.checkpoints import load_lm, read_lm
 from captioner.models.compact_vocab import build_lm, lm_config
 from captioner.models.cross_attention import GatedCrossAttention
@@ -174,6 +175,13 @@ def caption_batch(
     training validates; autocast=False leaves precision to the caller's context (training's validation runs
     under Lightning's precision plugin).
     """
+    pixel_values, features, precision = _where_model_runs(model, pixel_values, features, autocast)
+    with precision:
+        return model.caption(pixel_values=pixel_values, features=features, **generation)
+
+
+def _where_model_runs(model, pixel_values, features, autocast):
+    """The images on the model's device and the precision context `caption_batch` documents."""
     device = next(model.parameters()).device
     # from pinned memory (the evaluator's DataLoader pins its batches) the copy is queued, the host goes on
     move = dict(device=device, non_blocking=device.type == "cuda")
@@ -181,8 +189,29 @@ def caption_batch(
     features = None if features is None else features.to(**move)
     bf16 = autocast and device.type == "cuda" and torch.cuda.is_bf16_supported()
     # nullcontext, not autocast(enabled=False), which would switch off the caller's autocast
-    with torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
-        return model.caption(pixel_values=pixel_values, features=features, **generation)
+    precision = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    return pixel_values, features, precision
+
+
+def caption_batch_with_attention(
+    model: Captioner,
+    pixel_values: torch.Tensor | None = None,
+    features: torch.Tensor | None = None,
+    *,
+    autocast: bool = True,
+    **generation,
+) -> tuple[list[str], list[AttentionMaps]]:
+    """`caption_batch`, and per caption where each of its tokens looked (`attention_maps`: one teacher-forced pass
+    over the final captions with explicit attention weights; decoding itself is unchanged). CLIP runs once: its
+    features feed both the decoding and the maps."""
+    pixel_values, features, precision = _where_model_runs(model, pixel_values, features, autocast)
+    with precision:
+        if features is None:
+            with torch.no_grad():
+                features = model.vision.encode(pixel_values)  # (B, N, D)
+        ids = model.generate(features=features, **generation)
+        maps = attention_maps(model, ids, features=features)
+    return [decode(c) for c in ids], maps
 
 
 # --------------------------------------------------------------------------------------------------------------
