@@ -1,11 +1,12 @@
 """`captioner.load(PATH).caption(...)`: the same captions as the Captioner itself, paths and PIL images
 alike, the checkpoint's generation settings as defaults, `beams` overriding them, clear errors for unreadable
-images."""
+images, and with attention=True the same captions with a map per token."""
 
 from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import struct
 import subprocess
 import sys
@@ -19,7 +20,12 @@ from PIL import Image
 
 import captioner
 from captioner.api import CaptionPipeline
-from captioner.models.captioner import Captioner, build_captioner, save_captioner
+from captioner.models.captioner import (
+    Captioner,
+    build_captioner,
+    caption_batch_with_attention,
+    save_captioner,
+)
 from captioner.models.gpt import GPTConfig
 from captioner.models.vision import ClipPreprocess, UnreadableImage, open_image
 from tests.helpers import TINY_CLIP
@@ -197,6 +203,30 @@ def test_iter_captions_yields_positions_and_hands_unreadable_images_to_its_callb
     assert [(err.name, err.reason) for err in skipped] == [(str(tmp_path / "cut.png"), "truncated")]
     with pytest.raises(UnreadableImage, match=r"cut\.png"):
         list(pipeline.iter_captions(inputs))
+
+
+def test_attention_gives_the_same_captions_with_a_patch_grid_per_token(pipeline, images):
+    for beams in (None, 2):
+        records = pipeline.caption(images, beams=beams, attention=True, batch_size=3)
+        assert [r["caption"] for r in records] == pipeline.caption(images, beams=beams)
+        for record in records:
+            assert set(record) == {"caption", "tokens", "attention", "cls"}
+            assert "".join(record["tokens"]).strip() == record["caption"]
+            grids = np.array(
+                record["attention"]
+            )  # (T, H, W): 4 x 4 patches of 16 px in the tiny CLIP's 64 px
+            assert grids.shape == (len(record["tokens"]), 4, 4) and len(record["cls"]) == len(grids)
+            assert np.allclose(grids.sum((1, 2)), 1, atol=1e-5) and all(0 <= c <= 1 for c in record["cls"])
+        assert json.loads(json.dumps(records)) == records  # plain lists: ready for JSON as they are
+    # the maps are the model's own, image by image, and tell the images apart
+    pixels = torch.stack([pipeline.preprocess(image) for image in images])  # (B, 3, S, S)
+    _, maps = caption_batch_with_attention(pipeline.model, pixels, **pipeline.settings())
+    for record, expected in zip(pipeline.caption(images, attention=True), maps, strict=True):
+        assert np.allclose(record["attention"], expected.patches, atol=1e-6)
+        assert np.allclose(record["cls"], expected.cls, atol=1e-6)
+    assert not np.allclose(maps[0].patches[0], maps[1].patches[0])
+    streamed = list(pipeline.iter_captions(images[:2], attention=True))
+    assert [position for position, _ in streamed] == [0, 1] and all("attention" in r for _, r in streamed)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -3,6 +3,7 @@
     import captioner
     pipeline = captioner.load("outputs/caption_coco2017/…/checkpoints/last.ckpt")  # or an exported directory
     pipeline.caption(["cat.jpg", PIL.Image.open("dog.png")], beams=5)               # -> ["a cat on a sofa", …]
+    pipeline.caption("cat.jpg", attention=True)  # -> [{"caption", "tokens", "attention", "cls"}]: where it looked
 
 The command line (`captioner-caption`) and the web server (`captioner-serve`) are built on this module; the
 tensors → text step below it (`models.captioner.caption_batch`) is the one evaluation and training call too.
@@ -21,6 +22,7 @@ from PIL import Image
 from captioner.models.captioner import (
     Captioner,
     caption_batch,
+    caption_batch_with_attention,
     generation_settings,
     load_captioner,
     resolve_device,
@@ -28,6 +30,8 @@ from captioner.models.captioner import (
 from captioner.models.vision import ClipPreprocess, UnreadableImage, open_image
 
 ImageLike = Image.Image | str | os.PathLike | IO[bytes]
+# what `caption` gives per image: the caption, or with attention=True the caption and its maps (see `caption`)
+Captioned = str | dict
 
 
 def describe(image: ImageLike, index: int) -> str:
@@ -84,9 +88,16 @@ class CaptionPipeline:
             image = open_image(image, name)
         return self.transform(image)  # (3, S, S)
 
-    def caption_pixels(self, pixel_values: torch.Tensor, beams: int | None = None, **generation) -> list[str]:
-        """Captions for preprocessed images (B, 3, S, S), one model call."""
-        return caption_batch(self.model, pixel_values, **self.settings(beams, **generation))
+    def caption_pixels(
+        self, pixel_values: torch.Tensor, beams: int | None = None, attention: bool = False, **generation
+    ) -> list[Captioned]:
+        """Captions for preprocessed images (B, 3, S, S), one model call; with `attention`, per image the dict
+        `caption` documents (the same caption: the maps come from a pass after decoding)."""
+        settings = self.settings(beams, **generation)
+        if not attention:
+            return caption_batch(self.model, pixel_values, **settings)
+        captions, maps = caption_batch_with_attention(self.model, pixel_values, **settings)
+        return [{"caption": text, **m.to_dict()} for text, m in zip(captions, maps, strict=True)]
 
     def iter_captions(
         self,
@@ -94,11 +105,13 @@ class CaptionPipeline:
         beams: int | None = None,
         batch_size: int = 16,
         on_unreadable: Callable[[UnreadableImage], None] | None = None,
+        attention: bool = False,
         **generation,
-    ) -> Iterator[tuple[int, str]]:
+    ) -> Iterator[tuple[int, Captioned]]:
         """(position in `images`, caption) per image, in order, yielded a batch at a time as each is captioned:
-        what `caption` collects, for a caller that shows captions as they come. An unreadable image raises
-        UnreadableImage (a ValueError naming it), or with `on_unreadable` is handed to it and left out."""
+        what `caption` collects (with `attention`, its dicts), for a caller that shows captions as they come.
+        An unreadable image raises UnreadableImage (a ValueError naming it), or with `on_unreadable` is handed
+        to it and left out."""
         if isinstance(images, str | os.PathLike | Image.Image | io.IOBase):
             images = [images]
         images = list(images)
@@ -116,21 +129,36 @@ class CaptionPipeline:
                     continue
                 positions.append(position)
             if positions:
-                captions = self.caption_pixels(torch.stack(pixels), beams, **generation)  # (B, 3, S, S) in
-                yield from zip(positions, captions, strict=True)
+                batch = torch.stack(pixels)  # (B, 3, S, S)
+                yield from zip(
+                    positions, self.caption_pixels(batch, beams, attention, **generation), strict=True
+                )
 
     def caption(
         self,
         images: ImageLike | Iterable[ImageLike],
         beams: int | None = None,
         batch_size: int = 16,
+        attention: bool = False,
         **generation,
-    ) -> list[str]:
+    ) -> list[Captioned]:
         """One caption per image, in order. `images`: PIL images, paths and/or binary files (or a single one),
         decoded and captioned `batch_size` at a time. `beams` and `generation` override the saved generation
         settings (e.g. max_new_tokens=20, length_penalty=0.8). Raises ValueError naming the first unreadable
-        image."""
-        return [caption for _, caption in self.iter_captions(images, beams, batch_size, **generation)]
+        image.
+
+        attention=True: per image, where each caption token looked (`models.attention_maps`; the captions are
+        the same as without), as plain lists ready for JSON:
+            {"caption": str, "tokens": [T] str, "attention": [T][H][W] float, "cls": [T] float}
+        tokens: the caption's T GPT-2 tokens as text, leading spaces kept ("".join(tokens).strip() == caption).
+        attention[t]: token t's attention over CLIP's patch grid (rows top to bottom, over the centre square
+        CLIP sees), averaged over heads and gate-weighted over layers, summing to 1; H = W = 7 for ViT-B/32 at
+        224 px, 3 for the shapes demo's stand-in CLIP. cls[t]: the share token t gave the CLS token instead.
+        """
+        return [
+            caption
+            for _, caption in self.iter_captions(images, beams, batch_size, None, attention, **generation)
+        ]
 
     def __repr__(self) -> str:
         return f"CaptionPipeline(source={self.source!r}, device={self.device}, generation={self.generation})"
