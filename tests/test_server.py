@@ -1,5 +1,6 @@
 """The caption server on a real socket: the page, /health, /caption answering as the API does,
-concurrent requests batched onto the model (grouped by beam count), every kind of bad upload refused with a
+attention maps with attention=1 (the same caption), concurrent requests batched onto the model (grouped by beam
+count and attention), every kind of bad upload refused with a
 4xx JSON message while the server keeps serving, the `captioner-serve` command itself, and (where chromium
 exists) the page in a browser."""
 
@@ -19,6 +20,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import uvicorn
 
@@ -90,8 +92,9 @@ def served(client) -> dict:
 def test_the_page_and_health(client, ckpt):
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-    for part in ('id="drop"', 'type="file"', 'id="beams"', 'id="preview"', 'id="caption"', 'id="error"'):
+    for part in ('id="drop"', 'type="file"', 'id="beams"', 'id="preview"', 'id="heat"', 'id="caption"'):
         assert part in page.text
+    assert 'id="error"' in page.text and 'body.append("attention", "1")' in page.text
     health = client.get("/health").json()
     assert health["status"] == "ok" and health["max_batch"] == 8 and health["max_upload_bytes"] == MAX_UPLOAD
     assert health["model"]["source"] == str(ckpt) and health["model"]["device"] == "cpu"
@@ -109,14 +112,37 @@ def test_a_caption_is_what_the_api_says(client, pipeline):
         assert response.json() == {"caption": pipeline.caption(decoded(data), beams=beams)[0]}
 
 
-async def post_all(url: str, jobs: list[tuple[bytes, int | None]]) -> list[httpx.Response]:
+def test_attention_1_adds_a_map_per_token_to_the_same_caption(client, pipeline):
+    for beams in ("", "2"):
+        plain = client.post("/caption", files=upload(PNG), data={"beams": beams, "attention": "0"})
+        mapped = client.post("/caption", files=upload(PNG), data={"beams": beams, "attention": "1"})
+        assert plain.status_code == mapped.status_code == 200, (plain.text, mapped.text)
+        answer = mapped.json()
+        assert set(answer) == {"caption", "tokens", "attention", "cls"}
+        assert plain.json() == {"caption": answer["caption"]}
+        (expected,) = pipeline.caption(decoded(PNG), beams=int(beams) if beams else None, attention=True)
+        assert answer["caption"] == expected["caption"] and answer["tokens"] == expected["tokens"]
+        grids = np.array(answer["attention"])  # (T, H, W): the tiny CLIP's 4 x 4 patches
+        assert grids.shape == (len(answer["tokens"]), 4, 4) and len(answer["cls"]) == len(grids)
+        assert np.allclose(grids, expected["attention"], atol=1e-6)
+
+
+async def post_all(
+    url: str, jobs: list[tuple[bytes, int | None]], attention: str = ""
+) -> list[httpx.Response]:
+    """Concurrent requests; `attention`: the field for all of them, or "mixed" for 0 and 1 by turns."""
     async with httpx.AsyncClient(base_url=url, timeout=60) as client:
         return await asyncio.gather(
             *(
                 client.post(
-                    "/caption", files=upload(data), data={} if beams is None else {"beams": str(beams)}
+                    "/caption",
+                    files=upload(data),
+                    data={
+                        **({} if beams is None else {"beams": str(beams)}),
+                        "attention": str(i % 2) if attention == "mixed" else attention,
+                    },
                 )
-                for data, beams in jobs
+                for i, (data, beams) in enumerate(jobs)
             )
         )
 
@@ -138,6 +164,16 @@ def test_concurrent_requests_are_batched_and_grouped_by_beams(client, url, pipel
         pipeline.caption(decoded(d), beams=b)[0] for d, b in mixed
     ]
     assert served(client)["batches"] - after["batches"] >= 2  # a batch decodes with one beam count
+
+
+def test_requests_with_and_without_attention_are_captioned_apart_and_alike(client, url, pipeline):
+    images = [image_bytes(noise_image(seed)) for seed in range(6)]
+    before = served(client)
+    responses = asyncio.run(post_all(url, [(data, None) for data in images], attention="mixed"))
+    answers = [r.json() for r in responses]
+    assert [a["caption"] for a in answers] == [pipeline.caption(decoded(d))[0] for d in images]
+    assert [("tokens" in a) for a in answers] == [False, True] * 3
+    assert served(client)["batches"] - before["batches"] >= 2  # one model call computes maps for all or none
 
 
 def chunked(body: bytes):
@@ -177,6 +213,8 @@ BAD_UPLOADS = {
     ),
     "beams 0": (dict(files=upload(PNG), data={"beams": "0"}), 400, "beams must be a whole number"),
     "beams too many": (dict(files=upload(PNG), data={"beams": "9"}), 400, "from 1 \\(greedy\\) to 8"),
+    "attention yes": (dict(files=upload(PNG), data={"attention": "yes"}), 400, "attention must be 0 or 1"),
+    "attention with a space": (dict(files=upload(PNG), data={"attention": " 1"}), 400, "got ' 1'"),
 }
 
 
@@ -203,10 +241,10 @@ class GatedPipeline:
     def preprocess(self, *args):
         return self.pipeline.preprocess(*args)
 
-    def caption_pixels(self, pixels, beams):
+    def caption_pixels(self, pixels, beams, attention):
         self.calls.release()
         assert self.gate.wait(timeout=60)
-        return self.pipeline.caption_pixels(pixels, beams)
+        return self.pipeline.caption_pixels(pixels, beams, attention)
 
 
 def test_a_full_queue_refuses_with_503_and_retry_after_then_serves_again(pipeline):

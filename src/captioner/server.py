@@ -1,9 +1,11 @@
-"""The caption server behind `captioner-serve`: a web page at `/`, `GET /health`, `POST /caption` (multipart
-field `image`, optional field `beams`) → `{"caption": …}`; every error is JSON `{"error": …}` with a 4xx/5xx
-status (503 with Retry-After when `max_queue` requests are already waiting).
+"""The caption server behind `captioner-serve`: a web page at `/` (page.html), `GET /health`, `POST /caption`
+(multipart field `image`, optional fields `beams` and `attention`) → `{"caption": …}`, with `attention=1` also
+`"tokens"`, `"attention"` (a [H][W] grid over CLIP's centre square per token) and `"cls"`, as
+`CaptionPipeline.caption(attention=True)` documents; every error is JSON `{"error": …}` with a 4xx/5xx status
+(503 with Retry-After when `max_queue` requests are already waiting).
 
 Starlette + uvicorn: a small, well-kept ASGI pair (routing, multipart parsing, a production HTTP server)
-with no framework on top, so the whole server is this file. Concurrent requests share the model through a
+with no framework on top, so the whole server is this file and its page. Concurrent requests share the model through a
 `Batcher`: requests arriving within a few milliseconds of each other are captioned by one batched model call.
 """
 
@@ -13,6 +15,7 @@ import asyncio
 import contextlib
 import io
 from dataclasses import dataclass, field
+from importlib import resources
 
 import anyio.to_thread
 import torch
@@ -23,19 +26,21 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse
 from starlette.routing import Route
 
-from captioner.api import CaptionPipeline
+from captioner.api import Captioned, CaptionPipeline
 from captioner.errors import UserError
 from captioner.models.vision import UnreadableImage
 
 MAX_BEAMS = 8  # beam search costs beams × the greedy work: a cap keeps one request from hogging the server
 RETRY_AFTER_S = 1  # what a 503 tells an overloaded server's clients to wait
 STATUS = {"missing": 400, "not_an_image": 415, "truncated": 400, "too_many_pixels": 413}
+PAGE = resources.files("captioner").joinpath("page.html").read_text(encoding="utf-8")
 
 
 @dataclass
 class Job:
     pixels: torch.Tensor  # (3, S, S)
     beams: int | None
+    attention: bool
     future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
@@ -45,8 +50,8 @@ class ServerBusy(Exception):
 
 class Batcher:
     """One worker between the requests and the model. It takes the first waiting request, waits `wait_s` for
-    others to arrive, takes up to `max_batch` in all, and captions each group with the same beam count by one
-    model call in a thread (the event loop keeps accepting uploads meanwhile). One call runs at a time, so the
+    others to arrive, takes up to `max_batch` in all, and captions each group with the same beam count and
+    attention setting by one model call in a thread (so a request's caption is what it would be alone) (the event loop keeps accepting uploads meanwhile). One call runs at a time, so the
     model is never used from two threads; requests arriving during a call form the next batch. At most
     `max_queue` requests wait: more would only time out, so the next ones are refused (`ServerBusy`)."""
 
@@ -59,10 +64,10 @@ class Batcher:
         self.queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=max_queue)
         self.stats = {"requests": 0, "batches": 0, "largest_batch": 0, "refused_busy": 0}
 
-    async def submit(self, pixels: torch.Tensor, beams: int | None) -> str:
+    async def submit(self, pixels: torch.Tensor, beams: int | None, attention: bool = False) -> Captioned:
         if self.queue.full():
             raise ServerBusy()
-        job = Job(pixels, beams)
+        job = Job(pixels, beams, attention)
         self.queue.put_nowait(job)
         return await job.future
 
@@ -72,17 +77,17 @@ class Batcher:
             await asyncio.sleep(self.wait_s)  # let requests that arrive together join
             while len(jobs) < self.max_batch and not self.queue.empty():
                 jobs.append(self.queue.get_nowait())
-            groups: dict[int | None, list[Job]] = {}
+            groups: dict[tuple[int | None, bool], list[Job]] = {}
             for job in jobs:
                 if not job.future.done():  # done already: its client went away while it waited
-                    groups.setdefault(job.beams, []).append(job)
-            for beams, group in groups.items():
-                await self._caption(group, beams)
+                    groups.setdefault((job.beams, job.attention), []).append(job)
+            for (beams, attention), group in groups.items():
+                await self._caption(group, beams, attention)
 
-    async def _caption(self, group: list[Job], beams: int | None) -> None:
+    async def _caption(self, group: list[Job], beams: int | None, attention: bool) -> None:
         pixels = torch.stack([job.pixels for job in group])  # (B, 3, S, S)
         try:
-            captions = await anyio.to_thread.run_sync(self.pipeline.caption_pixels, pixels, beams)
+            captions = await anyio.to_thread.run_sync(self.pipeline.caption_pixels, pixels, beams, attention)
         except Exception as err:  # the requests answer 500; the worker carries on
             for job in group:
                 if not job.future.done():
@@ -141,6 +146,14 @@ def parse_beams(value) -> int | None:
     return beams
 
 
+def parse_attention(value) -> bool:
+    if value is None or value in ("", "0"):
+        return False
+    if value == "1":
+        return True
+    raise HTTPException(400, f"attention must be 0 or 1 (1 adds each token's attention map), got {value!r}")
+
+
 async def caption(request: Request) -> JSONResponse:
     state = request.app.state
     if state.batcher.queue.full():  # before reading the upload: an overloaded server spends nothing on it
@@ -157,6 +170,7 @@ async def caption(request: Request) -> JSONResponse:
         if not isinstance(upload, UploadFile):
             return error(400, "form field 'image' must be a file upload, not text")
         beams = parse_beams(form.get("beams"))
+        attention = parse_attention(form.get("attention"))
         data = await upload.read()
     name = upload.filename or "upload"
     if not data:
@@ -166,12 +180,12 @@ async def caption(request: Request) -> JSONResponse:
     except UnreadableImage as err:
         return error(STATUS[err.reason], str(err))
     try:
-        text = await state.batcher.submit(pixels, beams)
+        result = await state.batcher.submit(pixels, beams, attention)
     except ServerBusy:  # the queue filled up while this upload was read and decoded
         return busy(state.batcher)
     except Exception as err:
         return error(500, f"captioning failed: {type(err).__name__}: {err}")
-    return JSONResponse({"caption": text})
+    return JSONResponse(result if attention else {"caption": result})
 
 
 async def health(request: Request) -> JSONResponse:
@@ -228,128 +242,3 @@ def create_app(
     app.state.batcher = Batcher(pipeline, max_batch, batch_wait_s, max_queue)
     app.state.max_upload_bytes = max_upload_bytes
     return app
-
-
-# The page: plain HTML + a few lines of script; relative URLs, so it also works behind a proxy's sub-path.
-PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>captioner</title>
-<style>
-  :root { --ink: #1d2433; --muted: #667085; --line: #d0d5dd; --accent: #2f6fed; --bad: #b42318; }
-  * { box-sizing: border-box; }
-  body { margin: 0; font: 16px/1.5 system-ui, -apple-system, "Segoe UI", sans-serif; color: var(--ink);
-         background: #f6f7f9; }
-  main { max-width: 760px; margin: 0 auto; padding: 32px 20px; }
-  h1 { font-size: 24px; margin: 0 0 4px; }
-  .sub { color: var(--muted); font-size: 14px; margin: 0 0 24px; overflow-wrap: anywhere; }
-  #drop { display: flex; flex-direction: column; align-items: center; justify-content: center; gap: 8px;
-          min-height: 160px; padding: 24px; border: 2px dashed var(--line); border-radius: 12px;
-          background: #fff; text-align: center; cursor: pointer;
-          transition: border-color .15s, background .15s; }
-  #drop.over { border-color: var(--accent); background: #eef4ff; }
-  #drop strong { font-size: 18px; }
-  #drop span { color: var(--muted); font-size: 14px; }
-  #drop .pick { color: var(--accent); text-decoration: underline; }
-  .controls { display: flex; align-items: center; gap: 12px; margin: 16px 0; }
-  select { font: inherit; padding: 4px 8px; border: 1px solid var(--line); border-radius: 6px;
-           background: #fff; }
-  #result { display: none; gap: 20px; align-items: flex-start; padding: 16px; background: #fff;
-            border: 1px solid var(--line); border-radius: 12px; }
-  #result.shown { display: flex; }
-  #preview { width: 240px; max-height: 240px; object-fit: contain; border-radius: 8px; background: #eceef2; }
-  #caption { font-size: 22px; margin: 0 0 8px; }
-  #meta { color: var(--muted); font-size: 13px; }
-  #error { display: none; margin: 16px 0 0; padding: 10px 14px; border-radius: 8px; color: var(--bad);
-           background: #fef3f2; border: 1px solid #fecdca; }
-  .busy #caption { color: var(--muted); }
-</style></head>
-<body><main>
-<h1>captioner</h1>
-<p class="sub" id="model">loading model information…</p>
-<label id="drop" for="file">
-  <strong>Drop an image here</strong>
-  <span>or <span class="pick">choose a file</span> · or paste one</span>
-</label>
-<input id="file" type="file" accept="image/*" hidden>
-<div class="controls">
-  <label for="beams">Beams</label>
-  <select id="beams"></select>
-  <span id="beamhint" class="sub" style="margin:0"></span>
-</div>
-<div id="result"><img id="preview" alt="the image being captioned">
-  <div><p id="caption"></p><div id="meta"></div></div></div>
-<p id="error" role="alert"></p>
-</main>
-<script>
-const $ = (id) => document.getElementById(id);
-let current = null, maxBytes = Infinity;
-for (let b = 1; b <= 8; b++) $("beams").add(new Option(b === 1 ? "1 (greedy)" : String(b), b));
-$("beams").value = 3;
-
-function showError(message) {
-  $("error").textContent = message;
-  $("error").style.display = message ? "block" : "none";
-}
-
-fetch("health").then((r) => r.json()).then((h) => {
-  const g = h.model.generation;
-  const millions = (h.model.parameters / 1e6).toFixed(1);
-  $("model").textContent = `${h.model.source} · ${h.model.device} · ${millions}M parameters`;
-  $("beams").value = g.method === "beam" ? Math.min(g.num_beams || 3, 8) : 1;
-  const fallback = g.method === "beam" ? `${g.num_beams || 3} beams` : g.method;
-  $("beamhint").textContent = `model default: ${fallback}`;
-  maxBytes = h.max_upload_bytes;
-}).catch(() => { $("model").textContent = "model information unavailable"; });
-
-async function run() {
-  if (!current) return;
-  showError("");
-  if (current.size > maxBytes) {
-    showError(`${current.name} is larger than the server's limit of ${(maxBytes / 2 ** 20).toFixed(1)} MiB`);
-    return;
-  }
-  const body = new FormData();
-  body.append("image", current);
-  body.append("beams", $("beams").value);
-  $("result").classList.add("shown", "busy");
-  $("caption").textContent = "captioning…";
-  $("meta").textContent = "";
-  const started = performance.now();
-  try {
-    const response = await fetch("caption", { method: "POST", body });
-    const answer = await response.json().catch(() => ({ error: `HTTP ${response.status}` }));
-    if (!response.ok) throw new Error(answer.error || `HTTP ${response.status}`);
-    $("caption").textContent = answer.caption || "(empty caption)";
-    $("meta").textContent = `${$("beams").value} beam(s) · ${Math.round(performance.now() - started)} ms`;
-  } catch (err) {
-    $("result").classList.remove("shown");  // the error says it all; a half-filled card would not
-    showError(err.message);
-  } finally {
-    $("result").classList.remove("busy");
-  }
-}
-
-function choose(file) {
-  if (!file) return;
-  current = file;
-  $("preview").src = URL.createObjectURL(file);
-  run();
-}
-
-$("file").addEventListener("change", (e) => {
-  choose(e.target.files[0]);
-  e.target.value = "";  // picking the same file again still fires "change"
-});
-$("beams").addEventListener("change", run);
-const drop = $("drop");
-const highlight = (on) => (e) => { e.preventDefault(); drop.classList.toggle("over", on); };
-["dragenter", "dragover"].forEach((t) => drop.addEventListener(t, highlight(true)));
-["dragleave", "drop"].forEach((t) => drop.addEventListener(t, highlight(false)));
-drop.addEventListener("drop", (e) => choose(e.dataTransfer.files[0]));
-document.addEventListener("paste", (e) => {
-  choose([...e.clipboardData.files].find((f) => f.type.startsWith("image/")));
-});
-</script>
-</body></html>
-"""
