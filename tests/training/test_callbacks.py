@@ -62,6 +62,8 @@ def full_metrics_rows():
                     "val/cider": step / 40,
                     "val/bleu4": step / 100,
                     "val/object_acc": step / 40,
+                    "val/pointing_acc": step / 50,
+                    "val/pointing_chance": 0.11,
                 }
             )
     return rows
@@ -69,7 +71,7 @@ def full_metrics_rows():
 
 def test_plot_metrics_writes_every_plot(tmp_path):
     columns = ["train/loss", "train/lr", "val/loss", "val/hellaswag_acc", "val/hellaswag_acc_norm"]
-    columns += ["val/cider", "val/bleu4", "val/object_acc"]
+    columns += ["val/cider", "val/bleu4", "val/object_acc", "val/pointing_acc", "val/pointing_chance"]
     metrics = write_metrics_csv(tmp_path / "metrics.csv", columns, full_metrics_rows())
     written = plot_metrics(metrics, tmp_path / "plots")
     assert [p.name for p in written] == ["loss.png", "hellaswag.png", "captions.png", "lr.png"]

@@ -2,21 +2,30 @@
 
 Validation has two loaders (see `CocoCaptionDataModule.val_dataloader`): caption pairs for the loss, and a fixed
 set of images whose generated captions the configured scorers grade (BLEU/METEOR/ROUGE-L/CIDEr-D by default; the
-shapes demo adds object accuracy). The module keeps the predictions and scores of its last validation
-(`val_predictions`, `val_scores`) for the callbacks that show them (gallery, wandb table).
+shapes demo adds object accuracy and pointing accuracy). The module keeps the predictions and scores of its last
+validation (`val_predictions`, `val_scores`) for the callbacks that show them (gallery, wandb table).
+
+Attention maps (`captioner.models.attention_maps`) cost one more teacher-forced pass per caption, a large share of
+greedy decoding at real size (README), so validation computes them only where they are used: for every generated
+image when a scorer declares `needs_attention`, else for the first `attention_images` generation images (the
+gallery's), never for the rest of a 5,000-image split.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import logging
+from collections.abc import Mapping
 
 import hydra
 import torch
 
+from captioner.errors import UserError
 from captioner.models.captioner import (
     build_captioner,
     caption_batch,
+    caption_batch_with_attention,
     generation_settings,
     load_pretrained_weights,
     resolve_lm,
@@ -37,6 +46,9 @@ class CaptionModule(TrainingModule):
     settings for validation (and the defaults of captioning later); scorers: {name: {"_target_": callable, ...}},
     each called as scorer(predictions {image_id: caption}, references {image_id: [captions]}) and returning
     (overall {metric: value}, per image {image_id: {metric: value}}); every overall value is logged as val/<metric>.
+    A scorer whose class declares `needs_attention = True` is also given attention={image_id: AttentionMaps}, the
+    maps of every generated caption. attention_images: otherwise, how many generation images get maps for the
+    gallery and wandb table (the loader's first, in whole batches; 0: none).
     """
 
     def __init__(
@@ -48,8 +60,11 @@ class CaptionModule(TrainingModule):
         optim: dict | None = None,
         generation: dict | None = None,
         scorers: dict | None = None,
+        attention_images: int = 0,
     ):
         super().__init__(optim)
+        if attention_images < 0:
+            raise UserError(f"model.attention_images must be >= 0, got {attention_images}")
         lm, vision = resolve_lm(lm), resolve_vision(vision)
         self.save_hyperparameters(
             {
@@ -60,8 +75,13 @@ class CaptionModule(TrainingModule):
                 "optim": dataclasses.asdict(self.optim_cfg),
                 "generation": dict(generation or {}),
                 "scorers": dict(DEFAULT_SCORERS if scorers is None else scorers),
+                "attention_images": attention_images,
             }
         )
+        # known on every rank (each computes its own images' maps), while the scorers are built on rank 0 only
+        self._attention_scorers = {
+            name for name, spec in self.hparams.scorers.items() if needs_attention(name, spec)
+        }
         # Random init here: `load_pretrained()` copies the pretrained weights in, which captioner-train does for a
         # fresh run only (a resumed run restores everything from its checkpoint).
         self.model = build_captioner(lm, vision, cross_every, trainable)
@@ -201,19 +221,34 @@ class CaptionModule(TrainingModule):
 
     def _generate(self, batch) -> None:
         key = "features" if "features" in batch else "pixel_values"
-        generation = generation_settings(self.hparams.generation)
+        images, generation = {key: batch[key]}, generation_settings(self.hparams.generation)
+        maps = None
         with self.eval_context():  # Lightning's precision, not caption_batch's own autocast
-            captions = caption_batch(self.model, **{key: batch[key]}, autocast=False, **generation)
+            if self._maps_wanted():
+                captions, maps = caption_batch_with_attention(
+                    self.model, **images, autocast=False, **generation
+                )
+            else:
+                captions = caption_batch(self.model, **images, autocast=False, **generation)
         for i, caption in enumerate(captions):
-            image_id = int(batch["image_ids"][i])
-            self._generated.append(
-                {
-                    "image_id": image_id,
-                    "path": batch["paths"][i],
-                    "caption": caption,
-                    "references": batch["references"][i],
-                }
-            )
+            item = {
+                "image_id": int(batch["image_ids"][i]),
+                "path": batch["paths"][i],
+                "caption": caption,
+                "references": batch["references"][i],
+            }
+            if maps is not None:  # numpy float32 grids: small for all_gather_object
+                item["attention"] = maps[i]
+            self._generated.append(item)
+
+    def _maps_wanted(self) -> bool:
+        """Whether this generation batch gets attention maps: every batch when a scorer grades them, else the
+        batches holding the loader's first `attention_images` images, which it deals out round-robin over ranks
+        (global index = rank + world_size * local index), so each rank maps its first whole batches only."""
+        if self._attention_scorers:
+            return True
+        wanted = self.hparams.attention_images
+        return wanted > 0 and self.global_rank + self.trainer.world_size * len(self._generated) < wanted
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
@@ -257,10 +292,28 @@ class CaptionModule(TrainingModule):
             }
         predictions = {item["image_id"]: item["caption"] for item in items}
         references = {item["image_id"]: item["references"] for item in items}
+        maps = {item["image_id"]: item["attention"] for item in items if "attention" in item}
         overall, per_image = {}, {image_id: {} for image_id in predictions}
-        for scorer in self._scorers.values():
-            scores, image_scores = scorer(predictions, references)
+        for name, scorer in self._scorers.items():
+            if name in self._attention_scorers:
+                scores, image_scores = scorer(predictions, references, attention=maps)
+            else:
+                scores, image_scores = scorer(predictions, references)
             overall.update(scores)
             for image_id, values in image_scores.items():
                 per_image[image_id].update(values)
         return overall, per_image
+
+
+def needs_attention(name: str, spec: Mapping) -> bool:
+    """Whether scorer `name` reads attention maps: its `_target_` (class or function) declares
+    `needs_attention`, looked up without building the scorer (hydra's get_object would log its own error first)."""
+    target = spec.get("_target_") if isinstance(spec, Mapping) else None
+    if not target:
+        raise UserError(f"model.scorers.{name}: needs a _target_ (got {spec!r})")
+    module, _, attribute = target.rpartition(".")
+    try:
+        scorer = getattr(importlib.import_module(module), attribute)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise UserError(f"model.scorers.{name}._target_={target}: {err}") from None
+    return bool(getattr(scorer, "needs_attention", False))

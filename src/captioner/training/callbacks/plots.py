@@ -22,7 +22,14 @@ log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.csv"
 CHANCE_4WAY = 0.25  # HellaSwag has 4 endings
-CAPTION_METRICS = ("val/cider", "val/bleu4", "val/meteor", "val/rouge_l", "val/object_acc")
+CAPTION_METRICS = (
+    "val/cider",
+    "val/bleu4",
+    "val/meteor",
+    "val/rouge_l",
+    "val/object_acc",
+    "val/pointing_acc",
+)
 
 
 def read_metrics(metrics_csv: str | os.PathLike) -> dict[str, tuple[list[int], list[float]]]:
@@ -133,6 +140,8 @@ def _plot_captions(series, dest: Path) -> Path:
     for name in CAPTION_METRICS:
         if name in series:
             ax.plot(*series[name], "o-", markersize=4, label=name.removeprefix("val/"))
+    if "val/pointing_acc" in series and "val/pointing_chance" in series:  # a uniform peak's score, for scale
+        ax.plot(*series["val/pointing_chance"], ":", color="grey", linewidth=1, label="pointing chance")
     if "train/reward" in series:  # self-critical runs: the samples' CIDEr-D, on the scale of val/cider
         ax.plot(
             *series["train/reward"], color="tab:blue", alpha=0.35, linewidth=1, label="train reward (samples)"
