@@ -14,7 +14,6 @@ import re
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ import httpx
 import numpy as np
 import pytest
 import uvicorn
+from PIL import Image
 
 import captioner
 from captioner.cli.serve import main
@@ -33,6 +33,7 @@ from tests.test_api import bomb_png, image_bytes, noise_image, write_checkpoint
 
 MAX_UPLOAD = 100_000
 CHROMIUM = "/usr/bin/chromium"
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
 @pytest.fixture(scope="module")
@@ -305,20 +306,40 @@ def test_captioner_serve_serves_and_reports_a_bad_model_in_one_line(ckpt, tmp_pa
 
 
 @pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"no browser at {CHROMIUM}")
-def test_the_page_runs_in_a_browser(url, ckpt):
-    """Headless chromium renders the page and its script fills in the model line from /health."""
-    with tempfile.TemporaryDirectory() as profile:
-        flags = [
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--no-first-run",
-            f"--user-data-dir={profile}",
-        ]
-        dom = subprocess.run(
-            [CHROMIUM, *flags, "--virtual-time-budget=5000", "--dump-dom", f"{url}/"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        ).stdout
-    assert str(ckpt) in dom and "parameters" in dom, dom[-2000:]
+def test_the_page_captions_an_upload_and_overlays_a_words_map_in_a_browser(
+    url, ckpt, pipeline, tmp_path, monkeypatch
+):
+    """Headless chromium, driven as scripts/screenshot_page.py drives it: the page fills in the model line from
+    /health, captions an image picked in its file input as word spans, and pointing at a word draws its map
+    over the centre square of the preview."""
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    monkeypatch.delitem(sys.modules, "screenshot_page", raising=False)
+    from screenshot_page import Chromium, shoot
+
+    image = tmp_path / "photo.png"
+    image.write_bytes(PNG)  # 96 x 72: shown 240 x 180, its centre square 180 px wide, 30 px from the left
+    browser = Chromium(CHROMIUM, 900, 720)
+    try:
+        shots = shoot(browser, f"{url}/", image, tmp_path, word=None)
+        page = browser.evaluate(
+            """(() => {
+              const heat = document.getElementById("heat"), box = heat.getBoundingClientRect();
+              return {model: document.getElementById("model").textContent,
+                      words: document.querySelectorAll("#caption .word").length,
+                      on: document.querySelector(".word.on").textContent,
+                      heat: ["left", "top", "width", "height"].map((k) => heat.style[k]).join(" "),
+                      box: [box.x, box.y]};
+            })()"""
+        )
+    finally:
+        browser.close()
+    expected = pipeline.caption(decoded(PNG), attention=True)[0]
+    assert str(ckpt) in page["model"] and page["words"] == len(expected["tokens"])
+    assert page["on"] == max((t.lstrip() for t in expected["tokens"]), key=len)  # the word pointed at
+    assert page["heat"] == "30px 0px 180px 180px"
+    before, after = (np.asarray(Image.open(shot).convert("RGB"), dtype=int) for shot in shots)
+    changed = np.abs(before - after).sum(-1) > 30  # (720, 900): where pointing at the word changed the page
+    x, y = map(round, page["box"])
+    assert changed[y : y + 180, x : x + 180].mean() > 0.5  # the map, over the centre square
+    changed[y : y + 180, x : x + 180] = False
+    assert not changed[:, : x + 180].any()  # nothing else left of the caption (the word's highlight is in it)
