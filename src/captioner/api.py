@@ -150,7 +150,8 @@ class CaptionPipeline:
         attention=True: per image, where each caption token looked (`models.attention_maps`; the captions are
         the same as without), as plain lists ready for JSON:
             {"caption": str, "tokens": [T] str, "attention": [T][H][W] float, "cls": [T] float}
-        tokens: the caption's T GPT-2 tokens as text, leading spaces kept ("".join(tokens).strip() == caption).
+        tokens: the caption's T GPT-2 tokens as text, leading spaces kept ("".join(tokens).strip() == caption,
+            except that a character whose bytes span two tokens shows as U+FFFD in each).
         attention[t]: token t's attention over CLIP's patch grid (rows top to bottom, over the centre square
         CLIP sees), averaged over heads and gate-weighted over layers, summing to 1; H = W = 7 for ViT-B/32 at
         224 px, 3 for the shapes demo's stand-in CLIP. cls[t]: the share token t gave the CLS token instead.
