@@ -46,6 +46,7 @@ td.img { width: 230px; text-align: center; }
 .id { color: #888; font-size: 0.8em; }
 ul { margin: 0; padding-left: 1.2em; }
 .frame { position: relative; display: inline-block; }
+.frame img { min-width: 192px; }  /* a small image (the shapes world's 64 px) is scaled up for its map */
 .frame canvas { position: absolute; pointer-events: none; display: none; }
 .word { cursor: crosshair; border-bottom: 1px dotted #999; }
 .word:hover { background: #ffe9a8; }
