@@ -40,7 +40,7 @@ import tempfile
 import time
 import types
 import warnings
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import lightning as L
@@ -262,6 +262,48 @@ class StepTimer(L.Callback):
             self.cpu_times.append(time.process_time())
 
 
+class StepProfile:
+    """torch.profiler over one optimizer step: its wall time and its events (aten ops, autograd nodes, the
+    optimizer's own record_function ranges) by self CPU time, ms. What no event covers is Python between ops:
+    the loop, Lightning's hooks, logging, the data loader's Python side."""
+
+    def __init__(self):
+        self.wall_ms: float | None = None
+        self.ops: dict[str, float] = {}
+
+    def start(self) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        self._prof = profile(activities=[ProfilerActivity.CPU])
+        self._prof.__enter__()
+        self._t0 = time.perf_counter()
+
+    def stop(self) -> None:
+        self.wall_ms = 1000 * (time.perf_counter() - self._t0)
+        self._prof.__exit__(None, None, None)
+        events = self._prof.key_averages()
+        self.ops = {e.key: e.self_cpu_time_total / 1000 for e in events if e.self_cpu_time_total > 0}
+        del self._prof  # it does not pickle, and the profile comes back from a spawned process
+
+
+class ProfileStep(L.Callback):
+    """StepProfile over optimizer step `step` of a fit (from its first micro-batch's start to its last's end)."""
+
+    def __init__(self, step: int):
+        super().__init__()
+        self.step, self.profile, self._running = step, StepProfile(), False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step and not self._running and self.profile.wall_ms is None:
+            self._running = True
+            self.profile.start()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step + 1 and self._running:
+            self._running = False
+            self.profile.stop()
+
+
 def run_lightning(data_dir: Path, setup: TrainSetup, device: torch.device) -> TrainResult:
     """`lightning.Trainer.fit` of `PretrainModule` for setup.total_steps optimizer steps."""
     quiet_lightning()
@@ -480,7 +522,9 @@ class BuildNanoGPT:
             B=setup.micro_batch, T=setup.seq_len, grad_accum_steps=setup.accum, log_file=str(log_file),
             max_lr=c.lr, min_lr=c.lr * c.min_lr_ratio, warmup_steps=c.warmup_steps, max_steps=c.max_steps,
         )  # fmt: skip
-        shape = {k: v for k, v in asdict(setup.gpt_config()).items()}
+        # its config's fields (block_size, vocab_size, n_layer, n_head, n_embd): ours has more (gelu, ...)
+        theirs = {f.name for f in fields(ns["GPTConfig"])}
+        shape = {k: v for k, v in asdict(setup.gpt_config()).items() if k in theirs}
         model = ns["GPT"](ns["GPTConfig"](**shape))
         model.load_state_dict(weights)  # the same initial weights as ours (GPT-2 parameter names on both)
         model.to(device)
@@ -502,9 +546,11 @@ class BuildNanoGPT:
 BNG_DATA_DIR = "edu_fineweb10B"  # DataLoaderLite's data_root, relative to the working directory
 
 
-def run_bng(bng: BuildNanoGPT, root: Path, setup: TrainSetup, device: torch.device) -> TrainResult:
+def run_bng(
+    bng: BuildNanoGPT, root: Path, setup: TrainSetup, device: torch.device, profile: StepProfile | None = None
+) -> TrainResult:
     """build-nanogpt's training step for setup.total_steps optimizer steps on the shards in root/edu_fineweb10B,
-    starting from our GPT's initial weights for setup.seed."""
+    starting from our GPT's initial weights for setup.seed; `profile` records the last warm-up step (untimed)."""
     torch.manual_seed(setup.seed)
     weights = GPT(setup.gpt_config()).state_dict()
     step_ends, cpu_ends = [], []
@@ -512,7 +558,12 @@ def run_bng(bng: BuildNanoGPT, root: Path, setup: TrainSetup, device: torch.devi
         loop_globals = bng.bind(setup, device, weights, root / "bng_log.txt")
         for step in range(setup.total_steps):
             loop_globals["step"] = step
+            profiled = profile is not None and step == setup.warmup - 1  # the last untimed step
+            if profiled:
+                profile.start()
             exec(bng.step_code, loop_globals)
+            if profiled:
+                profile.stop()
             step_ends.append(clock(device))
             cpu_ends.append(time.process_time())
     final_loss = float(loop_globals["loss_accum"])
@@ -540,10 +591,15 @@ def captioner_train_overrides(
 
 
 def run_captioner_train(
-    data_dir: Path, run_dir: Path, setup: TrainSetup, device: torch.device, overrides: tuple[str, ...] = ()
+    data_dir: Path,
+    run_dir: Path,
+    setup: TrainSetup,
+    device: torch.device,
+    overrides: tuple[str, ...] = (),
+    profile: ProfileStep | None = None,
 ) -> TrainResult:
     """captioner-train's `train(cfg)` (our Trainer, callbacks, logger, PretrainModule, TokenShardDataModule), with
-    a step clock appended to its callbacks; its console output is captured."""
+    a step clock (and `profile`) appended to its callbacks; its console output is captured."""
     from hydra import compose, initialize_config_dir
 
     from captioner.cli.train import CONFIG_DIR, cli_callbacks, train
@@ -554,23 +610,39 @@ def run_captioner_train(
             "train", overrides=[*captioner_train_overrides(data_dir, run_dir, setup, device), *overrides]
         )
     timer = StepTimer()
+    extra = ([profile] if profile else []) + [timer]  # the profiler stops before the step's clock is read
     with contextlib.redirect_stdout(io.StringIO()):
-        metrics = train(cfg, callbacks=[timer, *cli_callbacks(cfg)])  # as the command runs it
+        metrics = train(cfg, callbacks=[*extra, *cli_callbacks(cfg)])  # as the command runs it
     flops = GPT(setup.gpt_config()).flops_per_token(setup.seq_len)
     return _result(
         "captioner-train", setup, timer.times, metrics["train/loss"], device, flops, timer.cpu_times
     )
 
 
-def _run_side(side, bng_path, root, run_dir, setup, device, threads, overrides):
-    """One run in a fresh process (see compare_bng); returns its result and build-nanogpt's last printed line."""
+OURS = "captioner-train"
+BNG_SHIPPED = "build-nanogpt"  # its process as it ships: glibc's default allocator
+BNG_EQUAL = "build-nanogpt, our allocator"  # the same process with captioner-train's CPU allocator settings
+ALLOCATOR_SIDES = {"both": (BNG_EQUAL, BNG_SHIPPED), "equal": (BNG_EQUAL,), "shipped": (BNG_SHIPPED,)}
+
+
+def _run_side(side, bng_path, root, run_dir, setup, device, threads, overrides, profile=False):
+    """One run in a fresh process (see compare_bng); returns its result, build-nanogpt's last printed line and,
+    when asked, the StepProfile of its last warm-up step."""
     device = torch.device(device)
     torch.set_num_threads(threads)
     setup_backend(device)
-    if side == "captioner-train":
-        return run_captioner_train(root / BNG_DATA_DIR, run_dir, setup, device, overrides), None
+    if side == OURS:
+        callback = ProfileStep(setup.warmup - 1) if profile else None  # the last untimed step
+        result = run_captioner_train(root / BNG_DATA_DIR, run_dir, setup, device, overrides, callback)
+        return result, None, callback.profile if callback else None
+    if side == BNG_EQUAL and device.type == "cpu":
+        from captioner.cli.train import keep_freed_memory
+
+        keep_freed_memory()  # what captioner-train's KeepFreedMemory callback calls on a CPU, before any step
     bng = BuildNanoGPT(bng_path)
-    return run_bng(bng, root, setup, device), bng.printed[-1] if bng.printed else None
+    step_profile = StepProfile() if profile else None
+    result = run_bng(bng, root, setup, device, step_profile)
+    return replace(result, path=side), bng.printed[-1] if bng.printed else None, step_profile
 
 
 def compare_bng(
@@ -579,18 +651,25 @@ def compare_bng(
     device: torch.device,
     repeats: int = 3,
     overrides: tuple[str, ...] = (),
+    allocator: str = "both",
+    profiles: dict[str, StepProfile] | None = None,
 ) -> dict[str, list[TrainResult]]:
-    """build-nanogpt's loop and captioner-train, `repeats` runs each in ABBA order on the same shard files.
+    """build-nanogpt's loop and captioner-train, `repeats` runs each in alternating order (ABC, CBA, ...) on the
+    same shard files. allocator: which build-nanogpt sides run (`ALLOCATOR_SIDES`): with captioner-train's CPU
+    allocator settings (equal footing), as it ships, or both. On a GPU both sides use CUDA's caching allocator,
+    and only the shipped side runs.
 
     Every run has a process of its own (spawned): what one side sets for the process (captioner-train's
-    allocator settings on a CPU, compiled code, the heap a run leaves behind) never reaches the other."""
-    runs: dict[str, list[TrainResult]] = {"build-nanogpt": [], "captioner-train": []}
+    allocator settings on a CPU, compiled code, the heap a run leaves behind) never reaches another. `profiles`
+    (a dict to fill): each side's first run also profiles its last warm-up step (`StepProfile`; not timed)."""
+    theirs = ALLOCATOR_SIDES[allocator] if device.type == "cpu" else (BNG_SHIPPED,)
+    runs: dict[str, list[TrainResult]] = {side: [] for side in (*theirs, OURS)}
     spawn = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="bench_bng_") as tmp:
         root = Path(tmp)
         write_token_shards(root / BNG_DATA_DIR, setup)
         for r in range(repeats):
-            for side in ("build-nanogpt", "captioner-train")[:: 1 if r % 2 == 0 else -1]:
+            for side in list(runs)[:: 1 if r % 2 == 0 else -1]:
                 args = (
                     side,
                     bng.path,
@@ -600,12 +679,15 @@ def compare_bng(
                     str(device),
                     torch.get_num_threads(),
                     overrides,
+                    profiles is not None and r == 0,
                 )
                 with spawn.Pool(1) as pool:
-                    result, printed = pool.apply(_run_side, args)
+                    result, printed, profile = pool.apply(_run_side, args)
                 runs[side].append(result)
                 if printed:
                     bng.printed.append(printed)
+                if profile is not None:
+                    profiles[side] = profile
     return runs
 
 
@@ -617,15 +699,28 @@ def _pooled(results: list[TrainResult]) -> TrainResult:
     return replace(results[0], step_seconds=pool("step_seconds"), cpu_seconds=pool("cpu_seconds"))
 
 
+def format_profiles(profiles: dict[str, StepProfile], top: int = 10) -> str:
+    """One table, ms per side: the step's wall time, the union of each side's `top` events by self CPU time, all
+    other events, and the wall time no event covers (Python)."""
+    names: list[str] = []
+    for p in profiles.values():
+        names += [n for n in sorted(p.ops, key=lambda n: -p.ops[n])[:top] if n not in names]
+    rows = [["step (wall)", *(f"{p.wall_ms:,.1f}" for p in profiles.values())]]
+    rows += [[n, *(f"{p.ops.get(n, 0.0):,.1f}" for p in profiles.values())] for n in names]
+    other = [sum(ms for n, ms in p.ops.items() if n not in names) for p in profiles.values()]
+    rows.append(["(other events)", *(f"{ms:,.1f}" for ms in other)])
+    outside = [p.wall_ms - sum(p.ops.values()) for p in profiles.values()]
+    rows.append(["(in no event: Python)", *(f"{ms:,.1f}" for ms in outside)])
+    return table(["ms in one optimizer step (torch.profiler, self CPU)", *profiles], rows)
+
+
 def format_bng(runs: dict[str, list[TrainResult]]) -> str:
-    """Per run, then per side pooled over its runs with the per-run range, then the ratio ours/theirs; on a CPU
-    the same again per second of process CPU time (robust to other processes taking the core)."""
-    cpu = (
-        all(r.cpu_seconds for results in runs.values() for r in results)
-        and runs["build-nanogpt"][0].mfu is None
-    )
+    """Per run, then per side pooled over its runs with the per-run range, then the ratios ours/theirs for each
+    build-nanogpt side, the equal-allocator one first (the headline: what our own code costs); on a CPU the same
+    again per second of process CPU time (robust to other processes taking the core)."""
+    cpu = all(r.cpu_seconds for results in runs.values() for r in results) and runs[OURS][0].mfu is None
     rows = []
-    for r in range(len(runs["build-nanogpt"])):
+    for r in range(len(runs[OURS])):
         for side, results in runs.items():
             res = results[r]
             rows.append(
@@ -638,26 +733,24 @@ def format_bng(runs: dict[str, list[TrainResult]]) -> str:
     out = [table([*headers, "final loss"], rows, left=2), ""]
     metrics = [("tokens/s", "tokens_per_sec"), ("tokens/s median step", "tokens_per_sec_median")]
     metrics += [("tokens/CPU-s", "tokens_per_cpu_sec")] if cpu else []
-    summary, ratios = [], []
-    ours, theirs = runs["captioner-train"], runs["build-nanogpt"]
+    summary = []
     for label, attr in metrics:
         for side, results in runs.items():
             per_run = [getattr(res, attr) for res in results]
             summary.append(
-                [
-                    label,
-                    side,
-                    f"{getattr(_pooled(results), attr):,.0f}",
-                    f"{min(per_run):,.0f}-{max(per_run):,.0f}",
-                ]
-            )
-        pair = [getattr(a, attr) / getattr(b, attr) for a, b in zip(ours, theirs)]
-        ratio = getattr(_pooled(ours), attr) / getattr(_pooled(theirs), attr)
-        ratios.append(
-            f"ratio captioner-train/build-nanogpt, {label}: {ratio:.3f} (run pairs {min(pair):.3f}-{max(pair):.3f})"
-        )
+                [label, side, f"{getattr(_pooled(results), attr):,.0f}", f"{min(per_run):,.0f}-{max(per_run):,.0f}"]
+            )  # fmt: skip
     out.append(table(["measure", "side", "all runs", "per-run min-max"], summary, left=2))
-    return "\n".join(out + ratios)
+    ours = runs[OURS]
+    for side in (s for s in (BNG_EQUAL, BNG_SHIPPED) if s in runs):
+        out.append(f"\ncaptioner-train / {side}:")
+        for label, attr in metrics:
+            pair = [getattr(a, attr) / getattr(b, attr) for a, b in zip(ours, runs[side])]
+            out.append(
+                f"  {label}: {statistics.median(pair):.3f} median of {len(pair)} run pairs "
+                f"({min(pair):.3f}-{max(pair):.3f}), pooled {getattr(_pooled(ours), attr) / getattr(_pooled(runs[side]), attr):.3f}"
+            )
+    return "\n".join(out)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -707,6 +800,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         metavar="PATH/train_gpt2.py",
         help="instead: build-nanogpt's own GPT and training loop, executed from this file, vs captioner-train\n"
         "(CPU: demo GPT, 8 x 128 x accum 4, 3 runs a side; GPU: gpt2_124m, 16 x 1024 x accum 4)",
+    )
+    p.add_argument(
+        "--bng-allocator",
+        choices=sorted(ALLOCATOR_SIDES),
+        default="both",
+        help="with --bng on a CPU: run build-nanogpt with captioner-train's allocator settings (equal, the\n"
+        "headline ratio), as it ships (glibc's default: it page-faults its activations in every step), or both",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="with --bng: also profile one (untimed) optimizer step of each side and print where its time goes",
     )
     p.add_argument(
         "--override",
@@ -764,7 +869,13 @@ def main(argv=None) -> None:
         print(
             f"captioner-train experiment=demo_pretrain (+ the benchmark's shapes){' ' + overrides if overrides else ''}\n"
         )
-        print(format_bng(compare_bng(bng, setup, device, args.repeats, tuple(args.override))))
+        profiles = {} if args.profile else None
+        runs = compare_bng(
+            bng, setup, device, args.repeats, tuple(args.override), args.bng_allocator, profiles
+        )
+        print(format_bng(runs))
+        if profiles:
+            print("\n" + format_profiles(profiles))
         print(f"build-nanogpt's last line: {bng.printed[-1] if bng.printed else '(none)'}")
         print(f"load average after: {os.getloadavg()[0]:.1f}")
         return

@@ -45,6 +45,29 @@ def test_without_gradients_and_under_bf16_autocast():
     assert x.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
 
 
+def test_bf16_gradients_match_the_unfused_layer_under_autocast():
+    grads = []
+    for fn in (lambda x, w, t: F.cross_entropy(F.linear(x, w), t), linear_cross_entropy):
+        x, w, t = inputs()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fn(x, w, t).backward()
+        grads.append((x.grad, w.grad))
+    (ref_x, ref_w), (x_grad, w_grad) = grads
+    # bf16 rounds where the two apply the 1/count scale differently: agreement to bf16's precision
+    torch.testing.assert_close(x_grad, ref_x, rtol=2e-2, atol=1e-3)
+    torch.testing.assert_close(w_grad, ref_w, rtol=2e-2, atol=1e-3)
+    # one bf16-rounded 1/count would scale every gradient by the same wrong factor; the means must agree closely
+    assert abs(x_grad.abs().mean() / ref_x.abs().mean() - 1) < 2e-3
+
+
+def test_every_row_ignored_gives_zero_loss_and_gradients():
+    x, w, t = inputs()
+    t[:] = -100
+    out = linear_cross_entropy(x, w, t, chunk_rows=16)
+    out.backward()
+    assert out.item() == 0 and not x.grad.any() and not w.grad.any()
+
+
 def test_a_frozen_output_layer_gets_no_gradient():
     x, w, t = inputs()
     w.requires_grad_(False)

@@ -22,28 +22,28 @@ def _loss_and_grads(x, weight, targets, chunk_rows, grad_x_needed, grad_w_needed
     """(mean loss, its gradient for x or None, for weight or None), a chunk of rows at a time."""
     valid = targets != -100  # (N,)
     count = valid.sum().clamp(min=1)  # a tensor: no host sync
+    scale = valid / count  # (N,) float32: each row's share of the mean, 0 where ignored
     loss = x.new_zeros((), dtype=torch.float32)
     grad_x = torch.empty_like(x) if grad_x_needed else None
     grad_w = torch.zeros_like(weight, dtype=torch.float32) if grad_w_needed else None
     w = weight.to(x.dtype)  # (V, C) autocast's copy, once
     for start in range(0, x.size(0), chunk_rows):
         rows = slice(start, start + chunk_rows)
-        xc, tc, vc = x[rows], targets[rows].clamp(min=0), valid[rows]  # (n, C), (n,), (n,)
-        logits = (xc @ w.t()).float()  # (n, V) this chunk only
-        lse = logits.logsumexp(dim=-1)  # (n,)
-        picked = logits.gather(1, tc[:, None]).squeeze(1)  # (n,)
-        loss = loss + ((lse - picked) * vc).sum()
+        xc, tc, sc = x[rows], targets[rows].clamp(min=0)[:, None], scale[rows, None]  # (n, C), (n, 1), (n, 1)
+        # log_softmax is one fused kernel; its output, exponentiated in place, is the softmax the gradient needs:
+        # two passes over the (n, V) logits in all
+        # (dtype=float32 lets CUDA read half-precision logits directly instead of copying them to float first)
+        logp = torch.log_softmax(xc @ w.t(), dim=-1, dtype=torch.float32)  # (n, V) this chunk only
+        loss = loss - (logp.gather(1, tc) * sc).sum()
         if grad_x_needed or grad_w_needed:
-            # d(mean loss)/d(logits) = (softmax - one_hot) / count on rows with a target, 0 elsewhere
-            grad = logits.sub_(lse[:, None]).exp_()  # (n, V), in place of the logits
-            grad[torch.arange(len(tc), device=grad.device), tc] -= 1.0
-            grad.mul_((vc / count)[:, None])
-            grad = grad.to(xc.dtype)
+            # d(mean loss)/d(logits) = (softmax - one_hot) * scale; the scale is applied to the (n, C) side of
+            # each matmul below, not to the (n, V) gradient
+            grad = logp.exp_().scatter_add_(1, tc, logp.new_full(tc.shape, -1.0)).to(xc.dtype)  # (n, V)
             if grad_x_needed:
-                grad_x[rows] = grad @ w  # (n, C)
+                grad_x[rows] = (grad @ w).float() * sc  # (n, C)
             if grad_w_needed:
-                grad_w += (grad.t() @ xc).float()  # (V, C)
-    return loss / count, grad_x, None if grad_w is None else grad_w.to(weight.dtype)
+                grad_w += (grad.t() @ (xc.float() * sc).to(xc.dtype)).float()  # (V, C)
+    return loss, grad_x, None if grad_w is None else grad_w.to(weight.dtype)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
