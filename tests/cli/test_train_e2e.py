@@ -284,3 +284,4 @@ def test_a_built_wheel_trains_from_any_directory(shapes_dir, tmp_path):
     assert "Tip:" not in terminal  # not Lightning's advertisement
     assert terminal.count("keeping freed memory") == 1  # captioner-train on a CPU, once
     assert terminal.count("GPU available:") == 1  # the Trainer built to read the world size prints nothing
+    assert (site / "captioner" / "page.html").is_file()  # the server's page, read at import
