@@ -1,6 +1,7 @@
-"""Benchmark (not a test): what the CLIP feature cache and the KV cache buy the captioner, measured side by side.
+"""Benchmark (not a test): what the CLIP feature cache and the KV cache buy the captioner, and what its attention
+maps cost, measured side by side.
 
-    python scripts/bench_caption.py                     # CPU: small batches, few iterations (~1.5 min)
+    python scripts/bench_caption.py                     # CPU: small batches, few iterations (~6 min)
     python scripts/bench_caption.py --device cuda       # GPU: batch 32, bf16-mixed
     python scripts/bench_caption.py --sizes demo        # only the demo sizes
 
@@ -20,6 +21,10 @@ with `build_feature_cache` first (not timed).
 (d) the self-critical reward: CIDEr-D of one step's samples (32 images x 5 samples, 5 references each, COCO-like
     lengths over a 3,000-token vocabulary), eval/cider.py on token ids vs pycocoevalcap's CiderScorer on the same
     captions as words, with the same document frequencies (so the scores must agree: max |difference| printed).
+(e) attention maps: captioning 32 images (greedy, and beam 3; 20 new tokens, from cached features) with
+    `caption_batch` and with `caption_batch_with_attention` (the same decoding, then one teacher-forced pass with
+    explicit attention weights), alternated run by run; the ratio is what the maps cost over decoding alone
+    (CLIP excluded: with pixels both paths run it once, so the ratio would be smaller). Captions must agree.
 
 Warm-up iterations are excluded; clocks are read after a CUDA synchronize. `gpu_check.py` imports from here.
 """
@@ -54,7 +59,7 @@ from PIL import Image, ImageDraw
 from captioner.data.captions import CocoCaptionDataModule
 from captioner.data.feature_cache import FeatureStore, build_feature_cache
 from captioner.io import atomic_path, save_json
-from captioner.models.captioner import Captioner
+from captioner.models.captioner import Captioner, caption_batch, caption_batch_with_attention
 from captioner.models.gpt import GPT, GPTConfig
 from captioner.models.vision import VisionEncoder
 from captioner.optim import make_adamw
@@ -234,17 +239,51 @@ def decoders(device: torch.device) -> list[str]:
     return [name for name in DECODERS if name != "cuda graph" or device.type == "cuda"]
 
 
+def decode_to_the_end(model) -> None:
+    """Eval mode, and a random LM that never stops early. With tied embeddings it predicts its own input token,
+    so after the [EOT] prompt it would stop at once (0 tokens measured). Zeroing EOT's embedding row keeps its
+    logit at 0, below the top candidates, so every beam decodes all max_new_tokens steps and every path does the
+    same, full amount of work."""
+    model.eval()
+    with torch.no_grad():
+        model.lm.transformer.wte.weight[EOT].zero_()
+
+
+def time_attention(
+    model, features, device, precision, *, method: str, repeats: int, max_new_tokens: int = 20
+):
+    """(e): captions of `features` (B, N, D) without and with attention maps, the two alternated `repeats` times
+    after one untimed run of each. Returns {"seconds": {"captions", "+ maps"} medians, "same": how many
+    captions agree, "tokens": mean map length}."""
+    decode_to_the_end(model)
+    generation = dict(method=method, num_beams=3, max_new_tokens=max_new_tokens)
+    times = {"captions": [], "+ maps": []}
+    with autocast(
+        device, precision
+    ):  # the caller's precision, as training's validation passes autocast=False
+        for i in range(1 + repeats):
+            start = clock(device)
+            plain = caption_batch(model, features=features, autocast=False, **generation)
+            middle = clock(device)
+            mapped, maps = caption_batch_with_attention(
+                model, features=features, autocast=False, **generation
+            )
+            if i:
+                times["captions"].append(middle - start)
+                times["+ maps"].append(clock(device) - middle)
+    return {
+        "seconds": {name: statistics.median(t) for name, t in times.items()},
+        "same": sum(a == b for a, b in zip(plain, mapped, strict=True)),
+        "tokens": statistics.mean(len(m.tokens) for m in maps),
+    }
+
+
 def time_decoding(
     model, features, device, precision, *, decoder: str, repeats: int, max_new_tokens: int = 20
 ):
     """Beam-3 captions of `features` (B, N, D) by one of DECODERS. Returns (seconds per run, captions of the last
     run). One untimed run first, with the same shapes (it captures the CUDA graph, where there is one)."""
-    model.eval()
-    # A random LM with tied embeddings predicts its own input token, so after the [EOT] prompt it would stop at
-    # once (0 tokens measured). Zeroing EOT's embedding row keeps its logit at 0, below the top candidates, so
-    # every beam decodes all max_new_tokens steps and every path does the same, full amount of work.
-    with torch.no_grad():
-        model.lm.transformer.wte.weight[EOT].zero_()
+    decode_to_the_end(model)
     generate = dict(method="beam", num_beams=3, max_new_tokens=max_new_tokens, **DECODERS[decoder])
     seconds = []
     with autocast(device, precision):
@@ -268,6 +307,7 @@ class Settings:
     iters: int = 3
     decode_batches: tuple[int, ...] = (2,)
     decode_repeats: int = 1
+    attention_images: int = 32  # (e); 0 skips it
     num_workers: int = 0
     precision: str = "32-true"
 
@@ -306,7 +346,22 @@ def bench_size(size: CaptionSize, settings: Settings, device: torch.device, root
             )
             runs[name] = {"seconds": statistics.median(seconds), "captions": captions}
         decoding.append(runs)
-    return {"size": size, "vision": vision, "training": training, "decoding": decoding}
+
+    attention = {}
+    if s.attention_images:
+        rows = np.arange(s.attention_images) % len(store)
+        features = torch.from_numpy(store.array[rows]).float().to(device)  # (B, N, D)
+        for method in ("greedy", "beam"):
+            attention[method] = time_attention(
+                model, features, device, s.precision, method=method, repeats=s.decode_repeats
+            )
+    return {
+        "size": size,
+        "vision": vision,
+        "training": training,
+        "decoding": decoding,
+        "attention": attention,
+    }
 
 
 def ratios(result: dict) -> dict[str, float]:
@@ -321,6 +376,8 @@ def ratios(result: dict) -> dict[str, float]:
         out[f"decode_kv_x@{d['batch']}"] = d["no cache"]["seconds"] / d["kv cache"]["seconds"]
         if "cuda graph" in d:
             out[f"decode_graph_x@{d['batch']}"] = d["no cache"]["seconds"] / d["cuda graph"]["seconds"]
+    for method, a in result["attention"].items():
+        out[f"maps_x_{method}"] = a["seconds"]["+ maps"] / a["seconds"]["captions"]
     return out
 
 
@@ -356,11 +413,23 @@ def format_size(result: dict, settings: Settings) -> str:
             sum(a == b for a, b in zip(d[name]["captions"], d["no cache"]["captions"])) for name in names[1:]
         ]
         notes.append(f"{'/'.join(map(str, same))} of {d['batch']}")
+    for method, a in result["attention"].items():
+        label = "greedy" if method == "greedy" else "beam-3"
+        for name, seconds in a["seconds"].items():
+            rows.append(
+                [f"(e) {label} x{s.attention_images} images, {name}", f"{s.attention_images / seconds:,.1f} images/s",
+                 f"{1000 * seconds:,.1f} ms/run", ""]
+            )  # fmt: skip
+        rows[-1][-1] = f"{r[f'maps_x_{method}']:,.2f}x, {a['tokens']:.0f}-token maps"
     clip = size.clip_config
     title = f"{size.name}: {size.lm} + CLIP {clip['hidden_size']}d x {clip['num_hidden_layers']}L @{size.image_size}px"
+    same = ", ".join(
+        f"{method} {a['same']}/{s.attention_images}" for method, a in result["attention"].items()
+    )
     return (
-        table([title, "throughput", "time", "ratio live/cached, no-cache/kv"], rows)
+        table([title, "throughput", "time", "ratio live/cached, no-cache/kv, maps/captions"], rows)
         + f"\n(c) captions identical to the no-cache path ({', '.join(names[1:])}): {', '.join(notes)}"
+        + (f"\n(e) captions identical with maps: {same}" if same else "")
     )
 
 
@@ -421,11 +490,13 @@ def run(sizes: list[str], settings: Settings, device: torch.device, seed: int = 
 # command line
 
 GPU_DEFAULTS = dict(
-    batch=32, images=256, warmup=3, iters=10, decode_batches=(32, 128), decode_repeats=3, num_workers=6
-)
+    batch=32, images=256, warmup=3, iters=10, decode_batches=(32, 128), decode_repeats=3, num_workers=6,
+    attention_images=32,
+)  # fmt: skip
 CPU_DEFAULTS = dict(
-    batch=8, images=32, warmup=1, iters=3, decode_batches=(2, 32), decode_repeats=1, num_workers=0
-)
+    batch=8, images=32, warmup=1, iters=3, decode_batches=(2, 32), decode_repeats=1, num_workers=0,
+    attention_images=32,
+)  # fmt: skip
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -441,6 +512,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--decode-batches", help="images per generate call, comma-separated (GPU: 32,128, CPU: 2,32)"
     )
     p.add_argument("--decode-repeats", type=int, help="timed generate calls, median (GPU: 3, CPU: 1)")
+    p.add_argument(
+        "--attention-images", type=int, help="images captioned with/without maps in (e); 0 skips (32)"
+    )
     p.add_argument(
         "--num-workers", type=int, help="loader workers for (b) (GPU: 6 as configs/data/coco.yaml, CPU: 0)"
     )
@@ -467,7 +541,8 @@ def main(argv=None) -> None:
     print(
         f"bench_caption | {name} | torch {torch.__version__} | {settings.precision} | batch {settings.batch} | "
         f"{settings.images} JPEGs 640x480 | {settings.iters} timed after {settings.warmup} warm-up | "
-        f"(b) loader workers {settings.num_workers} | decode {'/'.join(map(str, settings.decode_batches))} images x 3 beams x 20 tokens\n"
+        f"(b) loader workers {settings.num_workers} | decode {'/'.join(map(str, settings.decode_batches))} images x 3 beams x 20 tokens | "
+        f"(e) maps of {settings.attention_images} images\n"
     )
     for result in run(args.sizes, settings, device):
         print(format_size(result, settings) + "\n")
