@@ -400,6 +400,71 @@ def format_training(results: dict[str, TrainResult]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# the output layer and its loss: F.linear + F.cross_entropy vs models/loss.py's fused linear_cross_entropy
+
+
+def compare_loss(
+    device: torch.device, precision: str, rows: int, width: int, repeats: int = 7, vocab: int = 50304
+) -> dict[str, dict]:
+    """Forward + backward of the output layer and its loss on (rows, width) hidden states, alternating the two
+    forms `repeats` times: median ms, and on CUDA the peak memory above the inputs. On a CPU the process first
+    gets captioner-train's allocator settings (keep_freed_memory), which both forms then share."""
+    import torch.nn.functional as F
+
+    from captioner.cli.train import keep_freed_memory
+    from captioner.models.loss import linear_cross_entropy
+
+    if device.type == "cpu":
+        keep_freed_memory()
+    g = torch.Generator(device=device).manual_seed(0)
+    x0 = torch.randn(rows, width, device=device, generator=g)
+    w0 = 0.02 * torch.randn(vocab, width, device=device, generator=g)
+    t = torch.randint(0, vocab, (rows,), device=device, generator=g)
+    forms = {
+        "F.linear + F.cross_entropy": lambda x, w: F.cross_entropy(F.linear(x, w), t),
+        "linear_cross_entropy (fused)": lambda x, w: linear_cross_entropy(x, w, t),
+    }
+    times = {name: [] for name in forms}
+    peaks = {name: 0 for name in forms}
+    losses = {}
+    for r in range(repeats + 1):  # the first round warms up, untimed
+        for name, form in forms.items():
+            x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+                base = torch.cuda.memory_allocated(device)
+            start = clock(device)
+            with autocast(device, precision):
+                loss = form(x, w)
+            loss.backward()
+            end = clock(device)
+            if r:
+                times[name].append(end - start)
+            if device.type == "cuda":
+                peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated(device) - base)
+            losses[name] = loss.item()
+    return {
+        name: {"ms": 1000 * statistics.median(times[name]), "peak_bytes": peaks[name], "loss": losses[name]}
+        for name in forms
+    }
+
+
+def format_loss(results: dict[str, dict], rows: int, width: int) -> str:
+    plain, fused = results.values()
+    table_rows = [
+        [name, f"{r['ms']:,.1f}", f"{r['peak_bytes'] / 2**20:,.0f}" if r["peak_bytes"] else "n/a", f"{r['loss']:.6f}"]
+        for name, r in results.items()
+    ]  # fmt: skip
+    return (
+        table(
+            [f"output layer + loss, {rows:,} x {width} -> 50,304", "ms (median)", "peak MiB", "loss"],
+            table_rows,
+        )
+        + f"\nratio fused/plain time: {fused['ms'] / plain['ms']:.3f}"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # build-nanogpt's own model and loop vs captioner-train
 
 
@@ -809,6 +874,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "headline ratio), as it ships (glibc's default: it page-faults its activations in every step), or both",
     )
     p.add_argument(
+        "--loss",
+        action="store_true",
+        help="instead: the output layer + loss alone, plain vs fused, at micro-batch x seq rows and the model's\n"
+        "width (forward + backward; peak memory on CUDA)",
+    )
+    p.add_argument(
         "--profile",
         action="store_true",
         help="with --bng: also profile one (untimed) optimizer step of each side and print where its time goes",
@@ -862,6 +933,11 @@ def main(argv=None) -> None:
         f"{setup.tokens_per_step:,} tokens/step | {setup.steps} timed steps after {setup.warmup} warm-up | "
         f"repeats {args.repeats}\n"
     )
+    if args.loss:
+        rows = setup.micro_batch * setup.seq_len
+        results = compare_loss(device, setup.precision, rows, config.n_embd)
+        print(format_loss(results, rows, config.n_embd))
+        return
     if args.bng:
         bng = BuildNanoGPT(args.bng)
         print(bng.describe())
