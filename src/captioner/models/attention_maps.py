@@ -28,7 +28,7 @@ from captioner.tokenizer import EOT, gpt2_encoding
 class AttentionMaps:
     """One caption's attention over its image.
 
-    tokens: the T caption tokens as text, leading spaces kept ("".join(tokens) is the decoded caption).
+    tokens: the T caption tokens as text, leading spaces kept ("".join(tokens).strip() is the decoded caption).
     patches: (T, H, W) float32, token t's attention over the patch grid, renormalised to sum to 1 over the
         patches (so maps compare across tokens whatever share the CLS token took).
     cls: (T,) float32, the share of token t's attention on the CLS token (before the renormalisation).

@@ -52,8 +52,8 @@ class SelfCriticalModule(CaptionModule):
 
     samples: k captions sampled per image; baseline: "mean" (the other samples' mean reward) or "greedy";
     temperature: of the sampling; max_new_tokens: sample length (default: the caption run's
-    generation.max_new_tokens). trainable, generation: default to the caption run's; optim, scorers: as in
-    CaptionModule.
+    generation.max_new_tokens). trainable, generation: default to the caption run's; optim, scorers,
+    attention_images: as in CaptionModule.
     """
 
     def __init__(
@@ -67,6 +67,7 @@ class SelfCriticalModule(CaptionModule):
         generation: dict | None = None,
         optim: dict | None = None,
         scorers: dict | None = None,
+        attention_images: int = 0,
     ):
         if baseline not in BASELINES:
             raise UserError(f"model.baseline must be one of {', '.join(BASELINES)}, got {baseline!r}")
@@ -84,6 +85,7 @@ class SelfCriticalModule(CaptionModule):
             optim=optim,
             generation=generation,
             scorers=scorers,
+            attention_images=attention_images,
         )
         max_new_tokens = max_new_tokens or generation.get("max_new_tokens", 30)
         self.hparams.update(
