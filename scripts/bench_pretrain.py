@@ -882,7 +882,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--profile",
         action="store_true",
-        help="with --bng: also profile one (untimed) optimizer step of each side and print where its time goes",
+        help="with --bng: also profile one optimizer step of each side (an extra warm-up step: untimed) and\n"
+        "print where its time goes",
     )
     p.add_argument(
         "--override",
@@ -917,7 +918,8 @@ def main(argv=None) -> None:
         seq_len=args.seq_len,
         accum=args.accum,
         steps=args.steps,
-        warmup=args.warmup,
+        # --profile: one more warm-up step, the profiled one (the first steps still grow the heap)
+        warmup=args.warmup + (1 if args.profile and args.bng else 0),
         precision=args.precision,
         compile=args.compile,
     )
