@@ -262,46 +262,69 @@ class StepTimer(L.Callback):
             self.cpu_times.append(time.process_time())
 
 
-class StepProfile:
-    """torch.profiler over one optimizer step: its wall time and its events (aten ops, autograd nodes, the
-    optimizer's own record_function ranges) by self CPU time, ms. What no event covers is Python between ops:
-    the loop, Lightning's hooks, logging, the data loader's Python side."""
+PHASES = ("forward", "backward", "clip", "optimizer", "loop, hooks, data")
 
-    def __init__(self):
-        self.wall_ms: float | None = None
-        self.ops: dict[str, float] = {}
+
+class PhaseClock:
+    """Plain timers on the phases of a training step, the same on both sides: hooks on the model (forward pre and
+    post), on the token embedding's gradient (its last accumulation ends a backward: the embedding is the first
+    layer), around torch.nn.utils.clip_grad_norm_ (which build-nanogpt and Lightning both call) and on the
+    optimizer's step. Each interval goes to the phase in progress; what is none of the four named phases is
+    "loop, hooks, data" (zero_grad, the lr, Lightning's hooks and logging, the next batch). Timers only: a
+    profiler's own allocations would change the heap both sides reuse. `start()` begins counting (after the
+    warm-up); `per_step(n)` the mean ms per optimizer step over n steps."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.totals = dict.fromkeys(PHASES, 0.0)
+        self.counting = False
+        self._phase, self._t = "loop, hooks, data", time.perf_counter()
+
+    def mark(self, phase: str) -> None:
+        now = clock(self.device)
+        if self.counting:
+            self.totals[self._phase] += now - self._t
+        self._phase, self._t = phase, now
 
     def start(self) -> None:
-        from torch.profiler import ProfilerActivity, profile
+        self.mark(self._phase)
+        self.counting = True
 
-        self._prof = profile(activities=[ProfilerActivity.CPU])
-        self._prof.__enter__()
-        self._t0 = time.perf_counter()
+    def attach(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        model.register_forward_pre_hook(lambda *_: self.mark("forward"))
+        model.register_forward_hook(lambda *_: self.mark("backward"))
+        wte = model.transformer.wte.weight  # both GPTs name it so (GPT-2's parameter names)
+        wte.register_post_accumulate_grad_hook(lambda _: self.mark("loop, hooks, data"))
+        optimizer.register_step_pre_hook(lambda *_: self.mark("optimizer"))
+        optimizer.register_step_post_hook(lambda *_: self.mark("loop, hooks, data"))
+        clip = torch.nn.utils.clip_grad_norm_
 
-    def stop(self) -> None:
-        self.wall_ms = 1000 * (time.perf_counter() - self._t0)
-        self._prof.__exit__(None, None, None)
-        events = self._prof.key_averages()
-        self.ops = {e.key: e.self_cpu_time_total / 1000 for e in events if e.self_cpu_time_total > 0}
-        del self._prof  # it does not pickle, and the profile comes back from a spawned process
+        def timed_clip(*args, **kwargs):
+            self.mark("clip")
+            try:
+                return clip(*args, **kwargs)
+            finally:
+                self.mark("loop, hooks, data")
+
+        torch.nn.utils.clip_grad_norm_ = timed_clip  # this process is the run's own (spawned)
+
+    def per_step(self, steps: int) -> dict[str, float]:
+        return {phase: 1000 * total / steps for phase, total in self.totals.items()}
 
 
-class ProfileStep(L.Callback):
-    """StepProfile over optimizer step `step` of a fit (from its first micro-batch's start to its last's end)."""
+class PhaseClockCallback(L.Callback):
+    """PhaseClock on captioner-train's model and optimizer, counting from optimizer step `start_step`."""
 
-    def __init__(self, step: int):
+    def __init__(self, device: torch.device, start_step: int):
         super().__init__()
-        self.step, self.profile, self._running = step, StepProfile(), False
+        self.clock, self.start_step = PhaseClock(device), start_step
+
+    def on_train_start(self, trainer, pl_module):
+        self.clock.attach(pl_module.model, trainer.optimizers[0])
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.step and not self._running and self.profile.wall_ms is None:
-            self._running = True
-            self.profile.start()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step == self.step + 1 and self._running:
-            self._running = False
-            self.profile.stop()
+        if trainer.global_step == self.start_step and not self.clock.counting:
+            self.clock.start()
 
 
 def run_lightning(data_dir: Path, setup: TrainSetup, device: torch.device) -> TrainResult:
@@ -612,10 +635,10 @@ BNG_DATA_DIR = "edu_fineweb10B"  # DataLoaderLite's data_root, relative to the w
 
 
 def run_bng(
-    bng: BuildNanoGPT, root: Path, setup: TrainSetup, device: torch.device, profile: StepProfile | None = None
+    bng: BuildNanoGPT, root: Path, setup: TrainSetup, device: torch.device, phases: PhaseClock | None = None
 ) -> TrainResult:
     """build-nanogpt's training step for setup.total_steps optimizer steps on the shards in root/edu_fineweb10B,
-    starting from our GPT's initial weights for setup.seed; `profile` records the last warm-up step (untimed)."""
+    starting from our GPT's initial weights for setup.seed; `phases` times the phases of the timed steps."""
     torch.manual_seed(setup.seed)
     weights = GPT(setup.gpt_config()).state_dict()
     step_ends, cpu_ends = [], []
@@ -623,12 +646,11 @@ def run_bng(
         loop_globals = bng.bind(setup, device, weights, root / "bng_log.txt")
         for step in range(setup.total_steps):
             loop_globals["step"] = step
-            profiled = profile is not None and step == setup.warmup - 1  # the last untimed step
-            if profiled:
-                profile.start()
+            if phases is not None and step == setup.warmup:
+                if not phases.counting:
+                    phases.attach(loop_globals["model"], loop_globals["optimizer"])
+                phases.start()
             exec(bng.step_code, loop_globals)
-            if profiled:
-                profile.stop()
             step_ends.append(clock(device))
             cpu_ends.append(time.process_time())
     final_loss = float(loop_globals["loss_accum"])
@@ -661,10 +683,10 @@ def run_captioner_train(
     setup: TrainSetup,
     device: torch.device,
     overrides: tuple[str, ...] = (),
-    profile: ProfileStep | None = None,
+    phases: PhaseClockCallback | None = None,
 ) -> TrainResult:
     """captioner-train's `train(cfg)` (our Trainer, callbacks, logger, PretrainModule, TokenShardDataModule), with
-    a step clock (and `profile`) appended to its callbacks; its console output is captured."""
+    a step clock (and `phases`) appended to its callbacks; its console output is captured."""
     from hydra import compose, initialize_config_dir
 
     from captioner.cli.train import CONFIG_DIR, cli_callbacks, train
@@ -675,7 +697,7 @@ def run_captioner_train(
             "train", overrides=[*captioner_train_overrides(data_dir, run_dir, setup, device), *overrides]
         )
     timer = StepTimer()
-    extra = ([profile] if profile else []) + [timer]  # the profiler stops before the step's clock is read
+    extra = [timer, *([phases] if phases else [])]
     with contextlib.redirect_stdout(io.StringIO()):
         metrics = train(cfg, callbacks=[*extra, *cli_callbacks(cfg)])  # as the command runs it
     flops = GPT(setup.gpt_config()).flops_per_token(setup.seq_len)
@@ -692,22 +714,23 @@ ALLOCATOR_SIDES = {"both": (BNG_EQUAL, BNG_SHIPPED), "equal": (BNG_EQUAL,), "shi
 
 def _run_side(side, bng_path, root, run_dir, setup, device, threads, overrides, profile=False):
     """One run in a fresh process (see compare_bng); returns its result, build-nanogpt's last printed line and,
-    when asked, the StepProfile of its last warm-up step."""
+    when asked, its PhaseClock's ms per timed step."""
     device = torch.device(device)
     torch.set_num_threads(threads)
     setup_backend(device)
     if side == OURS:
-        callback = ProfileStep(setup.warmup - 1) if profile else None  # the last untimed step
+        callback = PhaseClockCallback(device, setup.warmup) if profile else None
         result = run_captioner_train(root / BNG_DATA_DIR, run_dir, setup, device, overrides, callback)
-        return result, None, callback.profile if callback else None
+        return result, None, callback.clock.per_step(setup.steps) if callback else None
     if side == BNG_EQUAL and device.type == "cpu":
         from captioner.cli.train import keep_freed_memory
 
         keep_freed_memory()  # what captioner-train's KeepFreedMemory callback calls on a CPU, before any step
     bng = BuildNanoGPT(bng_path)
-    step_profile = StepProfile() if profile else None
-    result = run_bng(bng, root, setup, device, step_profile)
-    return replace(result, path=side), bng.printed[-1] if bng.printed else None, step_profile
+    phases = PhaseClock(device) if profile else None
+    result = run_bng(bng, root, setup, device, phases)
+    per_step = phases.per_step(setup.steps) if phases else None
+    return replace(result, path=side), bng.printed[-1] if bng.printed else None, per_step
 
 
 def compare_bng(
@@ -717,7 +740,7 @@ def compare_bng(
     repeats: int = 3,
     overrides: tuple[str, ...] = (),
     allocator: str = "both",
-    profiles: dict[str, StepProfile] | None = None,
+    profiles: dict[str, dict[str, float]] | None = None,
 ) -> dict[str, list[TrainResult]]:
     """build-nanogpt's loop and captioner-train, `repeats` runs each in alternating order (ABC, CBA, ...) on the
     same shard files. allocator: which build-nanogpt sides run (`ALLOCATOR_SIDES`): with captioner-train's CPU
@@ -726,7 +749,7 @@ def compare_bng(
 
     Every run has a process of its own (spawned): what one side sets for the process (captioner-train's
     allocator settings on a CPU, compiled code, the heap a run leaves behind) never reaches another. `profiles`
-    (a dict to fill): each side's first run also profiles its last warm-up step (`StepProfile`; not timed)."""
+    (a dict to fill): each side's first run also times the phases of its steps (`PhaseClock`)."""
     theirs = ALLOCATOR_SIDES[allocator] if device.type == "cpu" else (BNG_SHIPPED,)
     runs: dict[str, list[TrainResult]] = {side: [] for side in (*theirs, OURS)}
     spawn = multiprocessing.get_context("spawn")
@@ -764,19 +787,11 @@ def _pooled(results: list[TrainResult]) -> TrainResult:
     return replace(results[0], step_seconds=pool("step_seconds"), cpu_seconds=pool("cpu_seconds"))
 
 
-def format_profiles(profiles: dict[str, StepProfile], top: int = 10) -> str:
-    """One table, ms per side: the step's wall time, the union of each side's `top` events by self CPU time, all
-    other events, and the wall time no event covers (Python)."""
-    names: list[str] = []
-    for p in profiles.values():
-        names += [n for n in sorted(p.ops, key=lambda n: -p.ops[n])[:top] if n not in names]
-    rows = [["step (wall)", *(f"{p.wall_ms:,.1f}" for p in profiles.values())]]
-    rows += [[n, *(f"{p.ops.get(n, 0.0):,.1f}" for p in profiles.values())] for n in names]
-    other = [sum(ms for n, ms in p.ops.items() if n not in names) for p in profiles.values()]
-    rows.append(["(other events)", *(f"{ms:,.1f}" for ms in other)])
-    outside = [p.wall_ms - sum(p.ops.values()) for p in profiles.values()]
-    rows.append(["(in no event: Python)", *(f"{ms:,.1f}" for ms in outside)])
-    return table(["ms in one optimizer step (torch.profiler, self CPU)", *profiles], rows)
+def format_profiles(profiles: dict[str, dict[str, float]]) -> str:
+    """ms per optimizer step in each phase (`PhaseClock`), per side, and their sum."""
+    rows = [[phase, *(f"{p[phase]:,.1f}" for p in profiles.values())] for phase in PHASES]
+    rows.append(["step", *(f"{sum(p.values()):,.1f}" for p in profiles.values())])
+    return table(["ms per optimizer step (first run of each side)", *profiles], rows)
 
 
 def format_bng(runs: dict[str, list[TrainResult]]) -> str:
@@ -882,8 +897,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--profile",
         action="store_true",
-        help="with --bng: also profile one optimizer step of each side (an extra warm-up step: untimed) and\n"
-        "print where its time goes",
+        help="with --bng: also time the phases of each side's steps (forward, backward, clip, optimizer, the\n"
+        "rest) with plain timers in its first run",
     )
     p.add_argument(
         "--override",
@@ -918,8 +933,7 @@ def main(argv=None) -> None:
         seq_len=args.seq_len,
         accum=args.accum,
         steps=args.steps,
-        # --profile: one more warm-up step, the profiled one (the first steps still grow the heap)
-        warmup=args.warmup + (1 if args.profile and args.bng else 0),
+        warmup=args.warmup,
         precision=args.precision,
         compile=args.compile,
     )
