@@ -326,6 +326,9 @@ class PhaseClockCallback(L.Callback):
         if trainer.global_step == self.start_step and not self.clock.counting:
             self.clock.start()
 
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.clock.mark("loop, hooks, data")  # before StepTimer (after it in the callbacks) reads the clock
+
 
 def run_lightning(data_dir: Path, setup: TrainSetup, device: torch.device) -> TrainResult:
     """`lightning.Trainer.fit` of `PretrainModule` for setup.total_steps optimizer steps."""
@@ -651,6 +654,8 @@ def run_bng(
                     phases.attach(loop_globals["model"], loop_globals["optimizer"])
                 phases.start()
             exec(bng.step_code, loop_globals)
+            if phases is not None:
+                phases.mark("loop, hooks, data")  # the step's tail counts before its clock is read
             step_ends.append(clock(device))
             cpu_ends.append(time.process_time())
     final_loss = float(loop_globals["loss_accum"])
@@ -697,7 +702,7 @@ def run_captioner_train(
             "train", overrides=[*captioner_train_overrides(data_dir, run_dir, setup, device), *overrides]
         )
     timer = StepTimer()
-    extra = [timer, *([phases] if phases else [])]
+    extra = [*([phases] if phases else []), timer]
     with contextlib.redirect_stdout(io.StringIO()):
         metrics = train(cfg, callbacks=[*extra, *cli_callbacks(cfg)])  # as the command runs it
     flops = GPT(setup.gpt_config()).flops_per_token(setup.seq_len)

@@ -41,7 +41,7 @@ def test_hellaswag_methods_agree(capsys):
 # build-nanogpt's train_gpt2.py as `bench_pretrain --bng` reads it: GPT/GPTConfig/DataLoaderLite at the top level
 # (its GPT here is ours under its config's five fields, so the test runs offline), setup code the benchmark
 # replaces, and its `for step` loop with a periodic block the benchmark must drop (this one would fail if run)
-FAKE_BNG = '''
+FAKE_BNG = """
 import math, os, time
 from dataclasses import dataclass
 import numpy as np
@@ -106,7 +106,7 @@ for step in range(max_steps):
         param_group["lr"] = lr
     optimizer.step()
     print(f"step {step:5d} | loss: {loss_accum.item():.6f} | tok/sec: {B * T * grad_accum_steps / (time.time() - t0):.2f}")
-'''
+"""
 
 
 def test_bng_comparison_runs_each_side_on_the_same_work(tmp_path):
@@ -118,7 +118,8 @@ def test_bng_comparison_runs_each_side_on_the_same_work(tmp_path):
     path.write_text(FAKE_BNG)
     bng = bench_pretrain.BuildNanoGPT(path)
     setup = bench_pretrain.TrainSetup(model="tiny", micro_batch=2, seq_len=32, accum=2, steps=1, warmup=1)
-    runs = bench_pretrain.compare_bng(bng, setup, torch.device("cpu"), repeats=1)
+    profiles = {}
+    runs = bench_pretrain.compare_bng(bng, setup, torch.device("cpu"), repeats=1, profiles=profiles)
     assert list(runs) == [bench_pretrain.BNG_EQUAL, bench_pretrain.BNG_SHIPPED, bench_pretrain.OURS]
     losses = [results[0].final_loss for results in runs.values()]
     assert losses == pytest.approx([losses[0]] * 3, abs=2e-5)
@@ -127,3 +128,8 @@ def test_bng_comparison_runs_each_side_on_the_same_work(tmp_path):
         f"captioner-train / {bench_pretrain.BNG_SHIPPED}:"
     )
     assert bng.printed and bng.printed[-1].startswith("step     1 | loss:")
+    # the phase timers saw every phase of both loops, and account for the timed step
+    assert set(profiles) == set(runs)
+    for side, phases in profiles.items():
+        assert all(phases[p] > 0 for p in ("forward", "backward", "clip", "optimizer")), (side, phases)
+        assert sum(phases.values()) == pytest.approx(1000 * runs[side][0].step_seconds[0], rel=0.1)
