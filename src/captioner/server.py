@@ -51,8 +51,9 @@ class ServerBusy(Exception):
 class Batcher:
     """One worker between the requests and the model. It takes the first waiting request, waits `wait_s` for
     others to arrive, takes up to `max_batch` in all, and captions each group with the same beam count and
-    attention setting by one model call in a thread (so a request's caption is what it would be alone) (the event loop keeps accepting uploads meanwhile). One call runs at a time, so the
-    model is never used from two threads; requests arriving during a call form the next batch. At most
+    attention setting by one model call in a thread, so a request's caption is what it would be alone; the
+    event loop keeps accepting uploads meanwhile. One call runs at a time, so the model is never used from two
+    threads; requests arriving during a call form the next batch. At most
     `max_queue` requests wait: more would only time out, so the next ones are refused (`ServerBusy`)."""
 
     def __init__(
