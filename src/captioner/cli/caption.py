@@ -17,8 +17,6 @@ import re
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from captioner.api import load
 from captioner.cli.boundary import error_boundary
 from captioner.errors import UserError
@@ -87,13 +85,8 @@ def png_paths(paths: list[Path], folder: Path) -> list[Path]:
 
 def write_strip(image_path: Path, record: dict, dest: Path) -> None:
     """`attention_strip` of one captioned image (a `caption(attention=True)` record), written atomically."""
-    maps = AttentionMaps(
-        record["tokens"],
-        np.asarray(record["attention"], dtype=np.float32),  # (T, H, W)
-        np.asarray(record["cls"], dtype=np.float32),  # (T,)
-    )
     with atomic_path(dest) as tmp:
-        attention_strip(open_image(image_path), maps).save(tmp, format="PNG")
+        attention_strip(open_image(image_path), AttentionMaps.from_dict(record)).save(tmp, format="PNG")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,6 +42,15 @@ class AttentionMaps:
         """Plain lists, for JSON: {"tokens": [T], "attention": [T][H][W], "cls": [T]}."""
         return {"tokens": list(self.tokens), "attention": self.patches.tolist(), "cls": self.cls.tolist()}
 
+    @classmethod
+    def from_dict(cls, record: dict) -> AttentionMaps:
+        """The maps of a `to_dict` record (extra keys, such as a caption, are ignored)."""
+        return cls(
+            tokens=list(record["tokens"]),
+            patches=np.asarray(record["attention"], dtype=np.float32),  # (T, H, W)
+            cls=np.asarray(record["cls"], dtype=np.float32),  # (T,)
+        )
+
 
 def cross_attention_weights(
     layer: GatedCrossAttention, x: torch.Tensor, context: torch.Tensor
